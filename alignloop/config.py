@@ -226,7 +226,9 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...
         raise RecipeError([f"{source}: a recipe is a mapping of keys, got {type(data).__name__}"])
     for assignment in overrides:
         apply_override(data, assignment)
-        lines[assignment.partition("=")[0].strip()] = -1  # -1: came from the command line
+        parts = assignment.partition("=")[0].strip().split(".")
+        for i in range(1, len(parts) + 1):  # -1: came from the command line
+            lines[".".join(parts[:i])] = -1 if i == len(parts) else lines.get(".".join(parts[:i]), -1)
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
     where = _Where(source, lines)
@@ -292,10 +294,11 @@ def _fields_at(loc: tuple) -> list[str]:
 
 
 def _model_in(annotation: Any) -> Any:
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-        inner = _model_in(candidate) if getattr(candidate, "__args__", None) else None
+    """The pydantic model inside an annotation such as `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        inner = _model_in(arg)
         if inner is not None:
             return inner
     return None
@@ -502,6 +505,10 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
         "disable_tqdm": False,
     }
     options.update(section.trainer_options)
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; both are
+    # accepted in recipes, and TRL's default (on) is passed under the new name.
+    legacy = options.pop("gradient_checkpointing", True)
+    options.setdefault("activation_checkpointing", legacy)
     options["output_dir"] = str(output_dir)
     if stage == "sft":
         # Labels are built by alignloop (assistant tokens only), so TRL sees a tokenized dataset.

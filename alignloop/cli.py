@@ -1,0 +1,115 @@
+"""The `alignloop` command.
+
+    alignloop run RECIPE [--set key=value ...] [--output-dir DIR]
+    alignloop validate RECIPE [--set key=value ...]
+    alignloop stage NAME RECIPE [--set key=value ...] [--output-dir DIR]
+    alignloop generate --model DIR --prompts FILE --output FILE [--n K] [--max-new-tokens N]
+                       [--temperature T] [--top-p P] [--batch-size B] [--seed S]
+
+Problems with the input (a recipe, a data file) print one line each to stderr and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignloop", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_args(p, with_output=True):
+        p.add_argument("recipe", help="a YAML recipe")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set sft.learning_rate=2e-5 (repeatable)")
+        if with_output:
+            p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
+
+    recipe_args(commands.add_parser("run", help="run every stage of a recipe (resumes)"))
+    recipe_args(commands.add_parser("validate", help="check a recipe without running it"), False)
+    stage = commands.add_parser("stage", help="run one stage of a recipe")
+    stage.add_argument("name", help="the stage, e.g. sft")
+    recipe_args(stage)
+    gen = commands.add_parser("generate", help="chat completions for a JSONL of prompts")
+    gen.add_argument("--model", required=True, help="a model or adapter directory")
+    gen.add_argument("--prompts", required=True, help="JSONL of prompt records")
+    gen.add_argument("--output", required=True, help="JSONL to write, one row per sample")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from alignloop.config import RecipeError
+    from alignloop.data.errors import DataError
+    from alignloop.data.masks import MaskError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (RecipeError, DataError, MaskError) as err:
+        print(f"alignloop: {err}", file=sys.stderr)
+        return 2
+
+
+def _validate(args) -> int:
+    from alignloop.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok (stages: {', '.join(cfg.stages)}; output_dir: {cfg.output_dir})")
+    return 0
+
+
+def _run(args) -> int:
+    from alignloop.pipeline.runner import run
+
+    run(args.recipe, args.overrides, output_dir=args.output_dir)
+    return 0
+
+
+def _stage(args) -> int:
+    from alignloop.pipeline.runner import run_stage
+
+    try:
+        result = run_stage(args.name, args.recipe, args.overrides, output_dir=args.output_dir)
+    except ValueError as err:
+        if "is not in this recipe" not in str(err):
+            raise
+        print(f"alignloop: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {result.path}")
+    return 0
+
+
+def _generate(args) -> int:
+    from alignloop.data.readers import read_records, write_jsonl
+    from alignloop.generation import SamplingSettings, completion_rows, generate
+    from alignloop.models.loading import load_for_inference
+
+    prompts = read_records(args.prompts, "prompt").records
+    model, tokenizer = load_for_inference(args.model)
+    settings = SamplingSettings(n=args.n, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        completions = generate(model, tokenizer, [p["prompt"] for p in prompts], settings,
+                               batch_size=args.batch_size)
+    except ValueError as err:
+        print(f"alignloop: {err}", file=sys.stderr)
+        return 2
+    write_jsonl(args.output, completion_rows(prompts, completions, settings, str(args.model)))
+    print(f"wrote {len(prompts) * args.n} completions for {len(prompts)} prompts to {args.output}")
+    return 0
+
+
+_COMMANDS = {"run": _run, "validate": _validate, "stage": _stage, "generate": _generate}
+
+if __name__ == "__main__":
+    sys.exit(main())

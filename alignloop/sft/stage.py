@@ -1,0 +1,101 @@
+"""Supervised fine-tuning: chat records in, a fine-tuned model (or LoRA adapter) out.
+
+The trainer is TRL's SFTTrainer. Our part: the data contract, the assistant-only labels (built
+here, so TRL receives `input_ids` + `labels` and neither re-tokenizes nor re-masks), the model
+in full / LoRA / QLoRA form, resume from the last checkpoint, and the artifacts:
+
+    <out_dir>/model/          the full model, or the LoRA adapter (safetensors) + tokenizer
+    <out_dir>/merged/         with `sft.merge: true`: the adapter merged into its base (HF format)
+    <out_dir>/data.jsonl      the training records after mixing (normalised chat records)
+    <out_dir>/metrics.json    losses, steps, timing, data and mask reports
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from alignloop.config import Recipe, trainer_args
+from alignloop.data.masks import build_sft_dataset
+from alignloop.data.readers import write_jsonl
+from alignloop.data.sources import format_report, load_sources
+from alignloop.models.loading import load_model, load_tokenizer, lora_config, resolve_path
+
+logger = logging.getLogger("alignloop.sft")
+
+
+def run(cfg: Recipe, out_dir: Path, work_dir: Path, *, base_model: str | None = None) -> dict:
+    """Trains and writes the artifacts above into `out_dir`; returns the metrics.
+
+    `work_dir` keeps the trainer's checkpoints between attempts: a run killed mid-training
+    continues from the last one. `base_model` overrides `cfg.model.path` (a previous stage's model).
+    """
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    start = time.time()
+    state = PartialState()
+    path = base_model or resolve_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, path)
+    args = trainer_args(cfg, "sft", work_dir / "checkpoints")
+
+    train = load_sources(cfg.sft.data, "chat", cfg.bad_records, cfg.seed)
+    logger.info("sft data:\n%s", format_report(train.report))
+    train_set, mask_stats = build_sft_dataset(train.records, tokenizer, args.max_length, cfg.sft.empty_mask)
+    eval_set = None
+    if cfg.sft.eval_data:
+        held_out = load_sources(cfg.sft.eval_data, "chat", cfg.bad_records, cfg.seed)
+        eval_set, _ = build_sft_dataset(held_out.records, tokenizer, args.max_length, cfg.sft.empty_mask)
+
+    method = cfg.sft.method
+    model = load_model(cfg, path, quantize=method == "qlora")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         processing_class=tokenizer,
+                         peft_config=lora_config(cfg) if method != "full" else None)
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        logger.info("resuming sft from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(out_dir / "model"))  # adapter only for LoRA; safetensors; main process
+    metrics = {
+        "method": method,
+        "base_model": path,
+        "resumed_from": last,
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
+        "train_seconds": round(time.time() - start, 1),
+        "data": train.report,
+        "masks": vars(mask_stats),
+    }
+    if eval_set is not None:
+        metrics["eval"] = trainer.evaluate()
+    if state.is_main_process:
+        tokenizer.save_pretrained(out_dir / "model")
+        write_jsonl(out_dir / "data.jsonl", train.records)
+        if cfg.sft.merge:
+            merge_adapter(cfg, out_dir / "model", path, out_dir / "merged")
+            tokenizer.save_pretrained(out_dir / "merged")
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    state.wait_for_everyone()
+    return metrics
+
+
+def merge_adapter(cfg: Recipe, adapter_dir: Path, base_path: str, out: Path) -> None:
+    """Merges a LoRA adapter into an unquantized copy of its base and saves it (safetensors).
+
+    For QLoRA the base is reloaded in the compute dtype rather than merged into 4-bit weights,
+    which would round the merged weights back to 4 bits.
+    """
+    from peft import PeftModel
+
+    base = load_model(cfg, base_path, quantize=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    logger.info("merged adapter into %s", out)
+

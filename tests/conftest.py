@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests never download: the hub is switched off, and the tiny Llama is built
+into a per-session cache from the config and corpus that alignloop ships."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def alignloop_cache(tmp_path_factory):
+    """A fresh cache for the session: `builtin:tiny` in recipes builds here, subprocesses included."""
+    cache = tmp_path_factory.mktemp("alignloop-cache")
+    os.environ["ALIGNLOOP_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(alignloop_cache):
+    from alignloop.models.tiny import build_tiny
+
+    return build_tiny()
+
+
+@pytest.fixture()
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)

@@ -1,0 +1,212 @@
+"""Recipe validation: every problem is reported with the file, line and key, before anything runs."""
+
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from alignloop import config
+from alignloop.config import RecipeError, load_recipe, trainer_args
+
+DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "example_chat.jsonl"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dedent(text).lstrip())
+    return path
+
+
+def problems(recipe, overrides=(), **kwargs) -> list[str]:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, overrides, **kwargs)
+    return err.value.problems
+
+
+def test_minimal_recipe_gets_defaults_and_builds_sft_config(tmp_path):
+    path = write(tmp_path, f"""
+        sft:
+          data:
+            - path: {DATA}
+          learning_rate: 2e-5
+        """)
+    cfg = load_recipe(path)
+    assert cfg.model.path == "builtin:tiny" and cfg.sft.method == "full" and cfg.stages == ["sft"]
+    args = trainer_args(cfg, "sft", tmp_path / "out")
+    assert args.learning_rate == 2e-5  # `2e-5` is a float, not the string YAML 1.1 makes of it
+    assert args.output_dir == str(tmp_path / "out") and args.max_length == 1024
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, f"""
+        seed: 3
+        sft:
+          data:
+            - path: {DATA}
+          learnig_rate: 1.0e-4
+        """)
+    assert problems(path) == [f"{path}:5: sft.learnig_rate: unknown key (did you mean "
+                              "'learning_rate'?); not an alignloop key nor a SFTConfig field"]
+
+
+def test_unknown_top_level_and_nested_keys(tmp_path):
+    path = write(tmp_path, f"""
+        seeed: 3
+        model:
+          pth: x
+        sft:
+          data:
+            - path: {DATA}
+              wieght: 2
+        """)
+    found = problems(path)
+    assert f"{path}:1: seeed: unknown key (did you mean 'seed'?)" in found
+    assert f"{path}:3: model.pth: unknown key (did you mean 'path'?)" in found
+    assert f"{path}:7: sft.data.0.wieght: unknown key (did you mean 'weight'?)" in found
+
+
+def test_wrong_types_name_the_key(tmp_path):
+    path = write(tmp_path, f"""
+        seed: many
+        sft:
+          method: lora
+          lora:
+            r: -1
+          data:
+            - path: {DATA}
+          num_train_epochs: lots
+        """)
+    found = problems(path)
+    assert any(p.startswith(f"{path}:1: seed: Input should be a valid integer") for p in found)
+    assert any(p.startswith(f"{path}:5: sft.lora.r: Input should be greater than 0") for p in found)
+
+
+def test_trainer_option_type_checked_even_though_trl_accepts_it(tmp_path):
+    path = write(tmp_path, f"""
+        sft:
+          data:
+            - path: {DATA}
+          num_train_epochs: lots
+        """)
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:4: sft.num_train_epochs: Input should be a valid number")
+
+
+def test_missing_data_file(tmp_path):
+    path = write(tmp_path, """
+        sft:
+          data:
+            - path: data/missing.jsonl
+        """)
+    assert problems(path) == [f"{path}:3: sft.data.0.path: no such file or directory: "
+                              f"{tmp_path / 'data' / 'missing.jsonl'}"]
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(DATA.read_text())
+    path = write(tmp_path, """
+        sft:
+          data:
+            - path: data/train.jsonl
+        """)
+    assert load_recipe(path, check_trainer=False).sft.data[0].path == tmp_path / "data" / "train.jsonl"
+
+
+@pytest.mark.parametrize("section, expected", [
+    ("method: full\n  lora: {r: 8}", "sft.lora: only used when sft.method is lora or qlora (it is 'full')"),
+    ("method: full\n  merge: true", "sft.merge: merging needs sft.method lora or qlora"),
+    ("method: lora\n  quantization: {bits: 4}", "sft.quantization: quantization is for sft.method: qlora"),
+    ("output_dir: elsewhere", "sft.output_dir: not settable here: set the top-level output_dir"),
+    ("assistant_only_loss: true", "sft.assistant_only_loss: not settable here: the loss is always on "
+                                  "assistant tokens only (our masks)"),
+])
+def test_impossible_combinations(tmp_path, section, expected):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  {section}\n")
+    (problem,) = problems(path)
+    assert problem.endswith(expected) and problem.startswith(f"{path}:")
+
+
+def test_qlora_without_bitsandbytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "_has_module", lambda name: name != "bitsandbytes")
+    path = write(tmp_path, f"sft:\n  method: qlora\n  data:\n    - path: {DATA}\n")
+    assert problems(path) == [f"{path}:2: sft.method: qlora needs bitsandbytes, which is not "
+                              "installed (pip install bitsandbytes), or use method: lora"]
+
+
+def test_bf16_without_hardware_support(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "bf16_supported", lambda: False)
+    path = write(tmp_path, f"precision: bf16\nsft:\n  data:\n    - path: {DATA}\n")
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:1: precision: bf16 was asked for, but this machine has no CUDA GPU")
+    # the same through the trainer option
+    path = write(tmp_path, f"sft:\n  bf16: true\n  data:\n    - path: {DATA}\n")
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:2: sft.bf16: bf16 was asked for")
+
+
+def test_fp16_needs_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "_cuda", lambda: False)
+    path = write(tmp_path, f"precision: fp16\nsft:\n  data:\n    - path: {DATA}\n")
+    assert problems(path) == [f"{path}:1: precision: fp16 mixed precision needs a CUDA GPU; "
+                              "use precision: auto or fp32"]
+
+
+def test_trl_config_rejection_is_reported(tmp_path):
+    path = write(tmp_path, f"""
+        sft:
+          data:
+            - path: {DATA}
+          load_best_model_at_end: true
+          save_strategy: epoch
+        """)
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:1: sft: SFTConfig rejected these options: "
+                              "--load_best_model_at_end requires the save and eval strategy to match")
+
+
+def test_set_overrides(tmp_path):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n")
+    cfg = load_recipe(path, ["sft.learning_rate=2e-5", "sft.method=lora", "sft.lora.r=4",
+                             "sft.data.0.count=5", "seed=7"])
+    assert cfg.sft.trainer_options["learning_rate"] == 2e-5 and cfg.seed == 7
+    assert cfg.sft.method == "lora" and cfg.sft.lora.r == 4 and cfg.sft.data[0].count == 5
+
+
+def test_bad_override_is_named_as_such(tmp_path):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n")
+    found = problems(path, ["sft.learning_rate=abc", "sft.foo.bar=1"])
+    assert "--set sft.learning_rate: Input should be a valid number, unable to parse string as a " \
+           "number (got 'abc')" in found
+    assert any(p.startswith("--set sft.foo: unknown key") for p in found)
+
+
+def test_override_syntax_error(tmp_path):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n")
+    with pytest.raises(RecipeError, match="learning_rate"):
+        load_recipe(path, ["learning_rate"])
+
+
+def test_dict_recipe_and_unknown_evaluation_task():
+    found = problems({"sft": {"data": [{"path": str(DATA)}]},
+                      "evaluation": {"task": "poetry", "data": [{"builtin": "arithmetic"}]}},
+                     check_trainer=False)
+    assert found == ["<dict>: evaluation.task: unknown task 'poetry' (known: arithmetic)"]
+
+
+def test_sft_without_data(tmp_path):
+    path = write(tmp_path, "seed: 1\n")
+    assert problems(path, check_trainer=False) == [f"{path}: sft.data: the sft stage needs at "
+                                                   "least one data source"]
+
+
+def test_data_source_needs_exactly_one_origin(tmp_path):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n      builtin: arithmetic\n")
+    (problem,) = problems(path, check_trainer=False)
+    assert problem.startswith(f"{path}:3: sft.data.0: ") and "exactly one of 'path', 'hub' or 'builtin'" in problem
+
+
+def test_gradient_checkpointing_is_an_alias(tmp_path):
+    path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  gradient_checkpointing: false\n")
+    args = trainer_args(load_recipe(path), "sft", tmp_path)
+    assert args.activation_checkpointing is False
