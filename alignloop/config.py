@@ -369,6 +369,7 @@ def _check_combinations(cfg: Recipe, where: _Where) -> list[str]:
         if module and not _has_module(module):
             problems.append(where("sft.report_to", f"'{name}' needs the {module} package "
                                                    f"(pip install 'alignloop[tracking]')"))
+    problems += _check_builtins(cfg, where)
     if cfg.evaluation is not None:
         from alignloop.data.tasks import VERIFIERS
 
@@ -376,6 +377,17 @@ def _check_combinations(cfg: Recipe, where: _Where) -> list[str]:
             problems.append(where("evaluation.task", f"unknown task '{cfg.evaluation.task}' "
                                                      f"(known: {', '.join(sorted(VERIFIERS))})"))
     return problems
+
+
+def _check_builtins(cfg: Recipe, where: _Where) -> list[str]:
+    from alignloop.data.tasks import BUILTIN
+
+    lists = {"sft.data": cfg.sft.data, "sft.eval_data": cfg.sft.eval_data,
+             "evaluation.data": cfg.evaluation.data if cfg.evaluation else []}
+    return [where(f"{key}.{i}.builtin", f"unknown builtin dataset '{src.builtin}' "
+                                        f"(known: {', '.join(sorted(BUILTIN))})")
+            for key, sources in lists.items() for i, src in enumerate(sources)
+            if src.builtin is not None and src.builtin not in BUILTIN]
 
 
 def _check_precision(cfg: Recipe, where: _Where) -> list[str]:

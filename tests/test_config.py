@@ -210,3 +210,9 @@ def test_gradient_checkpointing_is_an_alias(tmp_path):
     path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  gradient_checkpointing: false\n")
     args = trainer_args(load_recipe(path), "sft", tmp_path)
     assert args.activation_checkpointing is False
+
+
+def test_unknown_builtin_dataset(tmp_path):
+    path = write(tmp_path, "sft:\n  data:\n    - builtin: arithmetics\n")
+    assert problems(path, check_trainer=False) == [
+        f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic)"]

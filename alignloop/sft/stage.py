@@ -66,6 +66,7 @@ def run(cfg: Recipe, out_dir: Path, work_dir: Path, *, base_model: str | None = 
         "method": method,
         "base_model": path,
         "resumed_from": last,
+        "world_size": state.num_processes,
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],

@@ -1,0 +1,44 @@
+"""Every recipe in recipes/ validates (real-model paths replaced by the tiny model), and every
+accelerate config parses as one."""
+
+from pathlib import Path
+
+import pytest
+
+from alignloop.config import load_recipe, trainer_args
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+NOT_RECIPES = {"accelerate", "data"}  # accelerate launch configs and example data
+
+
+def recipe_files():
+    return sorted(p for p in RECIPES.rglob("*.yaml")
+                  if not NOT_RECIPES & set(p.relative_to(RECIPES).parts[:-1]))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in recipe_files()}
+    assert {"quickstart.yaml", "llama3_2_1b_lora_sft.yaml", "llama3_1_8b_qlora_sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", recipe_files(), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_validates(path, tmp_path):
+    cfg = load_recipe(path, ["model.path=builtin:tiny"])
+    for stage in cfg.stages:
+        args = trainer_args(cfg, stage, tmp_path)
+        assert args.output_dir == str(tmp_path)
+
+
+def test_real_recipes_name_real_checkpoints():
+    for name, hub_id in [("llama3_2_1b_lora_sft.yaml", "meta-llama/Llama-3.2-1B-Instruct"),
+                         ("llama3_1_8b_qlora_sft.yaml", "meta-llama/Llama-3.1-8B-Instruct")]:
+        cfg = load_recipe(RECIPES / name, check_trainer=False)
+        assert cfg.model.path == hub_id and cfg.sft.method in ("lora", "qlora")
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.num_processes >= 2 and config.distributed_type is not None

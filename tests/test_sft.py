@@ -1,0 +1,127 @@
+"""The SFT stage on the tiny Llama: full, LoRA and QLoRA train (the loss falls), save in HF format
+(safetensors only), and reload into models that give the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from alignloop.config import load_recipe
+from alignloop.pipeline.runner import read_manifest, run, run_stage
+
+pytestmark = pytest.mark.slow
+
+
+def recipe(tmp_path, method="full", steps=40, **sft):
+    return {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "sft": {
+            "method": method,
+            "data": [{"builtin": "arithmetic", "count": 400}],
+            "max_steps": steps,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 3e-3 if method == "full" else 1e-2,
+            "logging_steps": 5,
+            "save_steps": 1000,
+            "max_length": 96,
+            "activation_checkpointing": False,
+            "disable_tqdm": True,
+            **sft,
+        },
+    }
+
+
+def probe(model, tokenizer):
+    messages = [{"role": "user", "content": "What is 12 plus 30?"},
+                {"role": "assistant", "content": "12 plus 30 is 42."}]
+    ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def falls(losses):
+    head, tail = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    return tail < 0.8 * head
+
+
+def test_full_finetune_loss_falls_and_reloads(tmp_path):
+    result = run_stage("sft", recipe(tmp_path))
+    losses = result.metrics["losses"]
+    assert len(losses) == 8 and falls(losses), losses
+    files = {p.name for p in (result.path / "model").iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(name.endswith((".bin", ".pt")) for name in files)
+    records = result.dataset()
+    assert len(records) == 400 and records[0]["messages"][-1]["role"] == "assistant"
+    metrics = json.loads((result.path / "metrics.json").read_text())
+    assert metrics["masks"]["examples"] == 400 and metrics["masks"]["skipped_empty"] == 0
+
+
+def test_lora_loss_falls_adapter_and_merged_give_same_logits(tmp_path):
+    result = run_stage("sft", recipe(tmp_path, "lora", merge=True, lora={"r": 8, "alpha": 16}))
+    assert falls(result.metrics["losses"]), result.metrics["losses"]
+    model_dir = result.path / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file()
+    assert not (model_dir / "model.safetensors").exists()  # the adapter only, not a full copy
+    assert (result.path / "merged" / "model.safetensors").is_file()
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    adapter = AutoPeftModelForCausalLM.from_pretrained(model_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(result.path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(result.metrics["base_model"]).eval()
+    with_adapter, after_merge = probe(adapter, tokenizer), probe(merged, tokenizer)
+    torch.testing.assert_close(after_merge, with_adapter, atol=1e-4, rtol=1e-4)
+    assert (probe(base, tokenizer) - with_adapter).abs().max() > 1e-2  # the adapter did something
+
+
+def test_qlora_loss_falls_and_adapter_reloads(tmp_path):
+    result = run_stage("sft", recipe(tmp_path, "qlora", merge=True, lora={"r": 8, "alpha": 16},
+                                     quantization={"bits": 4, "quant_type": "nf4"}))
+    assert falls(result.metrics["losses"]), result.metrics["losses"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    model_dir = result.path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base_path = result.metrics["base_model"]
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base_path, device_map={"": "cpu"}, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32))
+    assert any("4bit" in type(m).__name__ for m in quantized.modules())
+    on_4bit = PeftModel.from_pretrained(quantized, model_dir).eval()
+    # The merged model is the adapter on an unquantized base: equal to that, not to the 4-bit one.
+    float_base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    on_float = PeftModel.from_pretrained(float_base, model_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(result.path / "merged").eval()
+    torch.testing.assert_close(probe(merged, tokenizer), probe(on_float, tokenizer), atol=1e-4, rtol=1e-4)
+    # 4-bit rounding moves the logits, but not far
+    assert (probe(on_4bit, tokenizer) - probe(on_float, tokenizer)).abs().mean() < 0.5
+
+
+def test_run_resumes_skips_and_reruns_on_change(tmp_path):
+    spec = recipe(tmp_path, steps=10)
+    spec["evaluation"] = {"task": "arithmetic", "data": [{"builtin": "arithmetic", "split": "heldout",
+                                                          "count": 16}], "max_new_tokens": 12}
+    first = run(spec)
+    run_dir = tmp_path / "run"
+    for name in ("recipe.yaml", "manifest.json", "eval/before.json", "eval/after.json", "sft/model"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / ".work" / "sft").exists()  # checkpoints removed once complete
+    manifest = read_manifest(run_dir)
+    assert manifest["stages"]["sft"]["status"] == "complete" and manifest["versions"]["trl"]
+    assert first.evaluation["after"]["total"] == 16
+
+    again = run(spec)
+    assert again["sft"].skipped and again["sft"].metrics == manifest["stages"]["sft"]["metrics"]
+
+    changed = load_recipe(spec, ["sft.learning_rate=1e-3"])
+    third = run(changed)
+    assert not third["sft"].skipped
+    assert read_manifest(run_dir)["stages"]["sft"]["key"] != manifest["stages"]["sft"]["key"]
