@@ -100,10 +100,10 @@ def test_empty_mask_skip_is_counted(tokenizer):
 
 def test_partial_truncation_keeps_what_survives(tokenizer):
     full = tokenize_chat(tokenizer, CONVERSATION, None)
-    first_answer_end = full["labels"].index(IGNORE_INDEX, full["labels"].index(IGNORE_INDEX) + 1)
-    cut = tokenize_chat(tokenizer, CONVERSATION, 30)
-    assert cut["input_ids"] == full["input_ids"][:30] and cut["labels"] == full["labels"][:30]
-    assert first_answer_end > 0
+    first = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    cut = tokenize_chat(tokenizer, CONVERSATION, first + 3)
+    assert cut["input_ids"] == full["input_ids"][:first + 3] and cut["labels"] == full["labels"][:first + 3]
+    assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
 
 
 def test_select_template(tokenizer, tmp_path):

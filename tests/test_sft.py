@@ -46,8 +46,9 @@ def falls(losses):
 
 
 def test_full_finetune_loss_falls_and_reloads(tmp_path):
-    result = run_stage("sft", recipe(tmp_path))
+    result = run_stage("sft", recipe(tmp_path, report_to="tensorboard"))
     losses = result.metrics["losses"]
+    assert list((tmp_path / "run" / "logs" / "sft").rglob("events.out.tfevents.*"))
     assert len(losses) == 8 and falls(losses), losses
     files = {p.name for p in (result.path / "model").iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files

@@ -136,7 +136,8 @@ def _run_stage(cfg: Recipe, run_dir: Path, stage: str, model_path: str | None) -
     state.wait_for_everyone()
     started = time.time()
     staging = work / "out"
-    metrics = {"sft": sft_stage.run}[stage](cfg, staging, work, base_model=model_path)
+    metrics = {"sft": sft_stage.run}[stage](cfg, staging, work, base_model=model_path,
+                                            log_dir=run_dir / "logs" / stage)
     if state.is_main_process:
         if final.exists():
             shutil.rmtree(final)  # an earlier result under another config

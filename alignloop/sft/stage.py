@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -26,12 +27,25 @@ from alignloop.models.loading import load_model, load_tokenizer, lora_config, re
 logger = logging.getLogger("alignloop.sft")
 
 
-def run(cfg: Recipe, out_dir: Path, work_dir: Path, *, base_model: str | None = None) -> dict:
+def run(cfg: Recipe, out_dir: Path, work_dir: Path, *, base_model: str | None = None,
+        log_dir: Path | None = None) -> dict:
     """Trains and writes the artifacts above into `out_dir`; returns the metrics.
 
     `work_dir` keeps the trainer's checkpoints between attempts: a run killed mid-training
     continues from the last one. `base_model` overrides `cfg.model.path` (a previous stage's model).
+    `log_dir` receives TensorBoard logs when `report_to` asks for them (default: work_dir/logs).
     """
+    # The checkpoints directory is removed when the stage completes; TensorBoard logs must not be.
+    if "TENSORBOARD_LOGGING_DIR" not in os.environ:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir or work_dir / "logs")
+        try:
+            return _run(cfg, out_dir, work_dir, base_model)
+        finally:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+    return _run(cfg, out_dir, work_dir, base_model)
+
+
+def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> dict:
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
