@@ -91,6 +91,9 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
     if eval_set is not None:
         metrics["eval"] = trainer.evaluate()
     if state.is_main_process:
+        # safetensors only: the trainer pickles its arguments beside the weights; keep them as JSON
+        (out_dir / "model" / "training_args.bin").unlink(missing_ok=True)
+        (out_dir / "model" / "training_args.json").write_text(args.to_json_string())
         tokenizer.save_pretrained(out_dir / "model")
         write_jsonl(out_dir / "data.jsonl", train.records)
         if cfg.sft.merge:
