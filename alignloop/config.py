@@ -272,7 +272,10 @@ def _dotted(loc: tuple) -> str:
 def _message(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         parent_fields = _fields_at(error["loc"][:-1])
-        hint = difflib.get_close_matches(str(error["loc"][-1]), parent_fields, n=1)
+        key = str(error["loc"][-1])
+        hint = difflib.get_close_matches(key, parent_fields, n=1)
+        if not hint and len(error["loc"]) == 1 and key in _trainer_fields("sft"):
+            return f"unknown key (did you mean 'sft.{key}'? trainer options go in the stage's section)"
         return "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     if error["type"] == "missing":
         return "required key is missing"
@@ -452,6 +455,10 @@ def trl_config_class(stage: str):
     from trl import SFTConfig
 
     return {"sft": SFTConfig}[stage]
+
+
+def _trainer_fields(stage: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(trl_config_class(stage)) if f.init}
 
 
 def _check_trainer_options(cfg: Recipe, where: _Where) -> list[str]:

@@ -216,3 +216,9 @@ def test_unknown_builtin_dataset(tmp_path):
     path = write(tmp_path, "sft:\n  data:\n    - builtin: arithmetics\n")
     assert problems(path, check_trainer=False) == [
         f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic)"]
+
+
+def test_trainer_option_at_top_level_points_to_the_stage(tmp_path):
+    path = write(tmp_path, f"learning_rate: 1.0e-4\nsft:\n  data:\n    - path: {DATA}\n")
+    assert problems(path) == [f"{path}:1: learning_rate: unknown key (did you mean "
+                              "'sft.learning_rate'? trainer options go in the stage's section)"]

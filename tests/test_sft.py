@@ -122,6 +122,9 @@ def test_run_resumes_skips_and_reruns_on_change(tmp_path):
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["sft"]["status"] == "complete" and manifest["versions"]["trl"]
     assert first.evaluation["after"]["total"] == 16
+    model, tokenizer = first["sft"].load_model()  # the notebook API
+    assert model.config.model_type == "llama" and tokenizer.chat_template
+    assert len(first["sft"].dataset()) == 400
 
     again = run(spec)
     assert again["sft"].skipped and again["sft"].metrics == manifest["stages"]["sft"]["metrics"]

@@ -31,16 +31,18 @@ QUESTIONS = {
         "A box holds {a} marbles and {b} are taken out. How many marbles are left?",
     ],
 }
+# Every answer restates the problem before the result: the operands then sit right before the
+# digits being computed, which a tiny model learns far faster than an answer out of nowhere.
 ANSWERS = {
-    "+": ["{a} plus {b} is {c}.", "The answer is {c}.", "The sum is {c}.", "{a} + {b} = {c}."],
-    "-": ["{a} minus {b} is {c}.", "The answer is {c}.", "The difference is {c}.", "{a} - {b} = {c}."],
+    "+": ["{a} plus {b} is {c}.", "{a} + {b} = {c}.", "Adding {b} to {a} gives {c}."],
+    "-": ["{a} minus {b} is {c}.", "{a} - {b} = {c}.", "Taking {b} from {a} leaves {c}."],
 }
 SIZES = {"train": 4000, "heldout": 200}
 HELDOUT_BUCKETS = 10  # 1 in 10 problems is held out
 
 
 def _operand(rng: random.Random) -> int:
-    return rng.randint(10, 99) if rng.random() < 0.4 else rng.randint(100, 999)
+    return rng.randint(10, 99) if rng.random() < 0.5 else rng.randint(100, 999)
 
 
 def _problem(rng: random.Random) -> tuple[int, str, int]:
