@@ -433,10 +433,14 @@ def _has_module(name: str) -> bool:
 
 
 def resolved_precision(cfg: Recipe) -> str:
-    """`auto` becomes bf16 where the hardware has it, else fp32."""
+    """`auto` becomes bf16 on a CUDA GPU that has it, else fp32.
+
+    A CPU with native bf16 (AVX512-BF16 / AMX) may still be asked for bf16 explicitly; `auto`
+    keeps CPU runs in fp32 so that the same recipe gives the same numbers on every CPU.
+    """
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16" if bf16_supported() else "fp32"
+    return "bf16" if _cuda() and bf16_supported() else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------

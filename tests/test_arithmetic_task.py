@@ -56,3 +56,24 @@ def test_check_and_registry():
     assert check("482 plus 37 is 519.", 519) and not check("482 plus 37 is 518.", 519)
     assert not check("nothing", 3) and not check("5", None)
     assert BUILTIN["arithmetic"] is records and VERIFIERS["arithmetic"] is check
+
+
+def test_worked_answers_are_true_step_by_step():
+    """Each column step `x+y(+1)=s` or `(1)x-y(-1)=d` holds, carries follow from the previous
+    step, and the final number is the column digits read from the left."""
+    from alignloop.data.tasks.arithmetic import work
+
+    for a, op, b, _ in problems("train", 500, 3):
+        text = work(a, op, b)
+        *steps, final = text.rstrip(".").split(", ")
+        carry, digits = 0, []
+        for step in steps:
+            lhs, value = step.split("=")
+            terms = [int(t) for t in re.split(r"[+-]", lhs)]
+            assert (sum(terms) if op == "+" else terms[0] - sum(terms[1:])) == int(value), text
+            assert (len(terms) == 3) == bool(carry), text  # the carry appears exactly when due
+            carry = int(value) // 10 if op == "+" else int(terms[0] >= 10)
+            digits.append(int(value) % 10)
+        expected = a + b if op == "+" else a - b
+        assert int(str(carry if op == "+" else "") + "".join(map(str, reversed(digits)))) == expected
+        assert final == f"so the answer is {expected}" and extract_answer(text) == expected

@@ -67,3 +67,25 @@ def test_tokenizer(tiny_dir):
     assert tok.eos_token == "<|eot_id|>" and tok.pad_token == "<|finetune_right_pad_id|>"
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, return_dict=True)["input_ids"]
     assert chat.count(tok.bos_token_id) == 1  # the template adds <|begin_of_text|> once
+
+
+def test_special_token_ids(tokenizer):
+    """As in Llama 3, the specials follow the BPE vocabulary: 1015 + their index in SPECIAL_TOKENS."""
+    assert tokenizer.bos_token_id == 1015 and tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 1016
+    assert tokenizer.eos_token_id == 1020 and tokenizer.pad_token_id == 1021  # <|eot_id|>, <|finetune_right_pad_id|>
+
+
+def test_assistant_mask_is_the_reply_and_its_eot(tokenizer):
+    """The expected ids are the Llama 3 format built piece by piece (reference section E); the mask
+    is 1 on exactly the tokens of the assistant content plus its <|eot_id|>."""
+    from alignloop.data.tasks.arithmetic import records
+
+    messages = records("chat", "train", 1)[0]["messages"]
+    user, reply = messages[0]["content"], messages[1]["content"]
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt = enc(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    answer = enc(reply + "<|eot_id|>")
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(out["input_ids"]) == prompt + answer
+    assert list(out["assistant_masks"]) == [0] * len(prompt) + [1] * len(answer)
