@@ -26,7 +26,7 @@ def recipe(tmp_path, method="full", steps=40, **sft):
             "max_steps": steps,
             "per_device_train_batch_size": 16,
             "learning_rate": 3e-3 if method == "full" else 1e-2,
-            "logging_steps": 5,
+            "logging_steps": min(5, steps // 2),
             "save_steps": 1000,
             "max_length": 96,
             "activation_checkpointing": False,
@@ -133,3 +133,17 @@ def test_run_resumes_skips_and_reruns_on_change(tmp_path):
     third = run(changed)
     assert not third["sft"].skipped
     assert read_manifest(run_dir)["stages"]["sft"]["key"] != manifest["stages"]["sft"]["key"]
+
+
+def test_packing_keeps_every_document_and_loss_token(tmp_path):
+    """Best-fit packing into 256-token rows: every one of the 400 examples appears as its own
+    document (seq_lengths, from which position ids restart per document, so documents do not
+    attend to each other), and the loss tokens in the packed rows are exactly the assistant tokens
+    counted before packing."""
+    result = run_stage("sft", recipe(tmp_path, steps=6, packing=True, max_length=256,
+                                     per_device_train_batch_size=4))
+    metrics = result.metrics
+    assert metrics["packing"]["documents"] == metrics["masks"]["examples"] == 400
+    assert metrics["packing"]["label_tokens"] == metrics["masks"]["assistant_tokens"]
+    assert metrics["packing"]["sequences"] < 400 // 2  # ~60-token examples, several per row
+    assert metrics["losses"][-1] < metrics["losses"][0]

@@ -88,6 +88,8 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
         "data": train.report,
         "masks": vars(mask_stats),
     }
+    if args.packing:
+        metrics["packing"] = packing_report(trainer.train_dataset)
     if eval_set is not None:
         metrics["eval"] = trainer.evaluate()
     if state.is_main_process:
@@ -102,6 +104,17 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     state.wait_for_everyone()
     return metrics
+
+
+def packing_report(packed) -> dict:
+    """What TRL's packing made of the examples: sequences, documents and loss tokens in them.
+
+    `label_tokens` must equal the assistant tokens before packing: packing that drops or adds
+    loss tokens would change what the model learns.
+    """
+    documents = sum(len(lengths) for lengths in packed["seq_lengths"])
+    labels = sum(sum(token != -100 for token in row) for row in packed["labels"])
+    return {"sequences": len(packed), "documents": documents, "label_tokens": labels}
 
 
 def merge_adapter(cfg: Recipe, adapter_dir: Path, base_path: str, out: Path) -> None:

@@ -1,0 +1,66 @@
+"""Loading a user's own Llama 3.1-style checkpoint: the legacy `rope_scaling` key of published
+config.json files becomes llama3 RoPE, with the frequencies of reference section D."""
+
+import json
+import math
+
+import torch
+
+from alignloop.config import load_recipe
+from alignloop.models.loading import load_model, load_tokenizer
+
+
+def llama31_style_checkpoint(tmp_path, tiny_dir):
+    """A config.json written as Llama 3.1 8B ships it (rope_scaling, rope_theta at top level),
+    shrunk to 2 layers of width 64 and head_dim 16, plus the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "bos_token_id": 1015, "eos_token_id": 1020, "torch_dtype": "float32",
+    }
+    out = tmp_path / "llama31"
+    out.mkdir()
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(cfg))  # exactly the legacy layout on disk
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
+def expected_inv_freq(dim: int, theta: float, factor: float) -> torch.Tensor:
+    """_compute_llama3_parameters written out from reference section D."""
+    out = []
+    for i in range(0, dim, 2):
+        inv = 1.0 / theta ** (i / dim)
+        wavelen = 2 * math.pi / inv
+        if wavelen > 8192:
+            inv /= factor
+        elif wavelen >= 2048:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            inv = (1 - smooth) * inv / factor + smooth * inv
+        out.append(inv)
+    return torch.tensor(out)
+
+
+def test_llama31_config_with_legacy_rope_scaling_loads_as_llama3_rope(tmp_path, tiny_dir):
+    path = llama31_style_checkpoint(tmp_path, tiny_dir)
+    cfg = load_recipe({"model": {"path": str(path), "chat_template": "llama3"},
+                       "sft": {"data": [{"builtin": "arithmetic"}]}}, check_trainer=False)
+    model = load_model(cfg, cfg.model.path)
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["rope_theta"] == 500000.0
+    assert model.config.max_position_embeddings == 131072
+    inv_freq = model.model.rotary_emb.inv_freq.float()
+    torch.testing.assert_close(inv_freq, expected_inv_freq(16, 500000.0, 8.0), rtol=1e-5, atol=0)
+    tokenizer = load_tokenizer(cfg.model, cfg.model.path)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], return_tensors="pt",
+                                        return_dict=True, add_generation_prompt=True)["input_ids"]
+    # a position far past 8K works (128K context): logits are finite at position 100,000
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None] + 100_000).logits
+    assert torch.isfinite(logits).all()
