@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from alignloop.config import RecipeError
     from alignloop.data.errors import DataError
     from alignloop.data.masks import MaskError
+    from alignloop.pipeline.errors import StageError
 
     try:
         return _COMMANDS[args.command](args)
-    except (RecipeError, DataError, MaskError) as err:
+    except (RecipeError, DataError, MaskError, StageError) as err:
         print(f"alignloop: {err}", file=sys.stderr)
         return 2
 

@@ -19,12 +19,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from alignloop.data.source_config import OnError, SourceConfig
+from alignloop.dpo.config import DPOStageConfig
+from alignloop.generation.config import GenerationConfig
+from alignloop.options import LoraOptions, QuantizationOptions, Strict  # noqa: F401 (re-exported)
+from alignloop.rejection_sampling.config import RejectionSamplingConfig
+from alignloop.reward.config import RewardStageConfig
+from alignloop.safety.config import SafetyConfig
+from alignloop.sft.config import SFTStageConfig
+from alignloop.synth_data.config import SynthDataConfig
 
-STAGES = ("sft",)
+# A round's stages, in the order they may appear (reference A1): the reward model first, then
+# sampling from the policy, synthetic data, SFT on what was selected, DPO on the newest pairs.
+STAGES = ("reward", "rejection_sampling", "synth_data", "sft", "dpo")
+TRAINING_STAGES = ("reward", "sft", "dpo")  # stages on a TRL trainer, with pass-through options
 BUILTIN_MODEL = "builtin:tiny"
+StageName = Literal["reward", "rejection_sampling", "synth_data", "sft", "dpo"]
 
 
 class RecipeError(ValueError):
@@ -35,8 +47,7 @@ class RecipeError(ValueError):
         super().__init__("invalid recipe:\n  " + "\n  ".join(problems))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Strict = Strict
 
 
 class ModelConfig(_Strict):
@@ -53,51 +64,25 @@ class ModelConfig(_Strict):
     tiny: dict[str, Any] = Field(default_factory=dict)  # LlamaConfig overrides for builtin:tiny
 
 
-class LoraOptions(_Strict):
-    r: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    modules_to_save: list[str] | None = None
-
-
-class QuantizationOptions(_Strict):
-    """bitsandbytes quantization of the frozen base for QLoRA."""
-
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-
-
-class SFTStageConfig(BaseModel):
-    """The `sft` section: our keys below; any other key is an SFTConfig option."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
-    method: Literal["full", "lora", "qlora"] = "full"
-    lora: LoraOptions | None = None
-    quantization: QuantizationOptions | None = None
-    merge: bool = False  # also save the LoRA-merged model (HF format, safetensors)
-    data: list[SourceConfig] = Field(default_factory=list)
-    eval_data: list[SourceConfig] = Field(default_factory=list)
-    # An example whose loss mask is empty after truncation: stop with an error, or skip and count it.
-    empty_mask: Literal["error", "skip"] = "error"
-    keep_checkpoints: bool = False
-
-    @property
-    def trainer_options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
 class EvaluationConfig(_Strict):
-    """Held-out task accuracy, measured before and after training."""
+    """What is measured after each round (and of the starting model, with `before`).
 
-    task: str  # a verifier name from alignloop.data.tasks.VERIFIERS
-    data: list[SourceConfig]
+    - `task` + `data`: held-out task accuracy, a verifier's check of greedy answers to prompts
+      that carry an `answer`;
+    - `safety`: violation rate on adversarial and false-refusal rate on borderline prompts of
+      `safety.eval_data`;
+    - `reward`: mean reward-model score of the policy's answers and its win rate against the
+      previous round's policy on the same prompts (needs a reward model in the round).
+    """
+
+    task: str | None = None  # a verifier name from alignloop.reward.verifiers.VERIFIERS
+    data: list[SourceConfig] = Field(default_factory=list)
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0)
     before: bool = True  # also evaluate the starting model
+    safety: bool = False
+    reward: bool = True
 
 
 class Recipe(_Strict):
@@ -108,16 +93,34 @@ class Recipe(_Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     bad_records: OnError = "raise"  # what to do with a data record that breaks its contract
     model: ModelConfig = Field(default_factory=ModelConfig)
-    stages: list[Literal["sft"]] = Field(default_factory=lambda: ["sft"])
+    # Each round runs `stages` in order; round 0 is a single SFT on sft.data when `initial_sft`.
+    stages: list[StageName] = Field(default_factory=lambda: ["sft"])
+    rounds: int = Field(default=1, ge=1)
+    initial_sft: bool = False
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+    synth_data: SynthDataConfig = Field(default_factory=SynthDataConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    safety: SafetyConfig | None = None
     evaluation: EvaluationConfig | None = None
     source: str = Field(default="<dict>", exclude=True)
 
     @model_validator(mode="after")
-    def _no_duplicate_stages(self) -> "Recipe":
+    def _stages_in_order(self) -> "Recipe":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("a stage is listed twice")
+        order = [s for s in STAGES if s in self.stages]
+        if self.stages != order:
+            raise ValueError(f"stages run in the order {', '.join(STAGES)}; "
+                             f"write them as [{', '.join(order)}]")
         return self
+
+    @property
+    def all_stages(self) -> list[str]:
+        """Every stage the recipe runs at least once (round 0's SFT included)."""
+        return [s for s in STAGES if s in self.stages or (s == "sft" and self.initial_sft)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...
     if check_trainer:
         problems += _check_trainer_options(cfg, where)
         if not problems:
-            problems += [p for stage in STAGES for p in _construct(cfg, stage, where)]
+            problems += [p for stage in _trained(cfg) for p in _construct(cfg, stage, where)]
     if problems:
         raise RecipeError(problems)
     return cfg
@@ -275,7 +278,8 @@ def _message(error: dict) -> str:
         key = str(error["loc"][-1])
         hint = difflib.get_close_matches(key, parent_fields, n=1)
         if not hint and len(error["loc"]) == 1 and key in _trainer_fields("sft"):
-            return f"unknown key (did you mean 'sft.{key}'? trainer options go in the stage's section)"
+            return (f"unknown key (did you mean 'sft.{key}'? trainer options go in the stage's "
+                    "section: sft, reward or dpo)")
         return "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     if error["type"] == "missing":
         return "required key is missing"
@@ -315,17 +319,46 @@ def _looks_local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
 
 
+def _source_lists(cfg: Recipe) -> dict[str, list[SourceConfig]]:
+    """Every data-source list of the recipe by its dotted key."""
+    lists = {"sft.data": cfg.sft.data, "sft.eval_data": cfg.sft.eval_data,
+             "reward.data": cfg.reward.data, "reward.eval_data": cfg.reward.eval_data,
+             "rejection_sampling.prompts": cfg.rejection_sampling.prompts,
+             "synth_data.documents": cfg.synth_data.documents,
+             "synth_data.prompts": cfg.synth_data.prompts,
+             "dpo.data": cfg.dpo.data}
+    if cfg.safety is not None:
+        lists["safety.data"], lists["safety.eval_data"] = cfg.safety.data, cfg.safety.eval_data
+    if cfg.evaluation is not None:
+        lists["evaluation.data"] = cfg.evaluation.data
+    return lists
+
+
+def _model_paths(cfg: Recipe) -> dict[str, tuple[Any, str]]:
+    """Checkpoint keys that may hold a path: dotted key -> (section, attribute)."""
+    paths = {"model.path": (cfg.model, "path"), "model.tokenizer": (cfg.model, "tokenizer"),
+             "rejection_sampling.reward_model": (cfg.rejection_sampling, "reward_model"),
+             "generation.server_python": (cfg.generation, "server_python")}
+    if cfg.reward.init not in ("base", "policy"):
+        paths["reward.init"] = (cfg.reward, "init")
+    if cfg.synth_data.generator != "policy":
+        paths["synth_data.generator"] = (cfg.synth_data, "generator")
+    if cfg.safety is not None and cfg.safety.llama_guard is not None:
+        paths["safety.llama_guard"] = (cfg.safety, "llama_guard")
+    return paths
+
+
 def _resolve_paths(cfg: Recipe, base: Path, where: _Where) -> list[str]:
     problems = []
-    for key in ("path", "tokenizer"):
-        value = getattr(cfg.model, key)
+    for key, (section, attr) in _model_paths(cfg).items():
+        value = getattr(section, attr)
         if value is None or value == BUILTIN_MODEL:
             continue
         local = (base / Path(value).expanduser()).resolve()
         if local.exists():
-            setattr(cfg.model, key, str(local))
-        elif _looks_local(value):
-            problems.append(where(f"model.{key}", f"no such directory: {local}"))
+            setattr(section, attr, str(local))
+        elif _looks_local(value) or key == "generation.server_python":
+            problems.append(where(key, f"no such file or directory: {local}"))
         # otherwise: a hub id such as meta-llama/Llama-3.2-1B-Instruct, fetched (or read from the
         # HF cache) when the stage starts.
     if cfg.model.chat_template not in ("auto", "llama3"):
@@ -335,10 +368,7 @@ def _resolve_paths(cfg: Recipe, base: Path, where: _Where) -> list[str]:
                                   f"expected 'auto', 'llama3' or a .jinja file; no such file: {template}"))
         else:
             cfg.model.chat_template = str(template)
-    sections = [("sft.data", cfg.sft.data), ("sft.eval_data", cfg.sft.eval_data)]
-    if cfg.evaluation:
-        sections.append(("evaluation.data", cfg.evaluation.data))
-    for key, sources in sections:
+    for key, sources in _source_lists(cfg).items():
         for i, src in enumerate(sources):
             if src.path is None:
                 continue
@@ -348,64 +378,155 @@ def _resolve_paths(cfg: Recipe, base: Path, where: _Where) -> list[str]:
     return problems
 
 
+def _trained(cfg: Recipe) -> list[str]:
+    """The training stages this recipe runs."""
+    return [s for s in TRAINING_STAGES if s in cfg.all_stages]
+
+
 def _check_combinations(cfg: Recipe, where: _Where) -> list[str]:
     problems = []
-    sft = cfg.sft
-    if "sft" in cfg.stages and not sft.data:
-        problems.append(where("sft.data", "the sft stage needs at least one data source"))
-    if sft.method == "full":
-        for key in ("lora", "quantization"):
-            if getattr(sft, key) is not None:
-                problems.append(where(f"sft.{key}", f"only used when sft.method is lora or qlora "
-                                                    f"(it is 'full')"))
-        if sft.merge:
-            problems.append(where("sft.merge", "merging needs sft.method lora or qlora"))
-    if sft.method == "lora" and sft.quantization is not None:
-        problems.append(where("sft.quantization", "quantization is for sft.method: qlora"))
-    if sft.method == "qlora" and not _has_module("bitsandbytes"):
-        problems.append(where("sft.method", "qlora needs bitsandbytes, which is not installed "
-                                            "(pip install bitsandbytes), or use method: lora"))
+    stages = cfg.all_stages
+    for stage in _trained(cfg):
+        problems += _check_method(getattr(cfg, stage), stage, where)
+    problems += _check_loop(cfg, where)
     problems += _check_precision(cfg, where)
-    report_to = sft.trainer_options.get("report_to")
-    for name in [report_to] if isinstance(report_to, str) else (report_to or []):
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-        if module and not _has_module(module):
-            problems.append(where("sft.report_to", f"'{name}' needs the {module} package "
-                                                   f"(pip install 'alignloop[tracking]')"))
+    for stage in _trained(cfg):
+        report_to = getattr(cfg, stage).trainer_options.get("report_to")
+        for name in [report_to] if isinstance(report_to, str) else (report_to or []):
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+            if module and not _has_module(module):
+                problems.append(where(f"{stage}.report_to", f"'{name}' needs the {module} package "
+                                                            f"(pip install 'alignloop[tracking]')"))
     problems += _check_builtins(cfg, where)
-    if cfg.evaluation is not None:
-        from alignloop.data.tasks import VERIFIERS
-
-        if cfg.evaluation.task not in VERIFIERS:
-            problems.append(where("evaluation.task", f"unknown task '{cfg.evaluation.task}' "
-                                                     f"(known: {', '.join(sorted(VERIFIERS))})"))
+    problems += _check_verifiers(cfg, where)
+    if "generation" in cfg.model_fields_set or any(s in stages for s in ("rejection_sampling", "synth_data")):
+        problems += _check_generation(cfg, where)
     return problems
+
+
+def _check_method(section, stage: str, where: _Where) -> list[str]:
+    problems = []
+    method = section.method
+    if method == "full":
+        for key in ("lora", "quantization"):
+            if getattr(section, key, None) is not None:
+                problems.append(where(f"{stage}.{key}", f"only used when {stage}.method is lora or "
+                                                        f"qlora (it is 'full')"))
+        if getattr(section, "merge", False):
+            problems.append(where(f"{stage}.merge", f"merging needs {stage}.method lora or qlora"))
+    if method == "lora" and getattr(section, "quantization", None) is not None:
+        problems.append(where(f"{stage}.quantization", f"quantization is for {stage}.method: qlora"))
+    if method == "qlora" and not _has_module("bitsandbytes"):
+        problems.append(where(f"{stage}.method", "qlora needs bitsandbytes, which is not installed "
+                                                 "(pip install bitsandbytes), or use method: lora"))
+    return problems
+
+
+def _check_loop(cfg: Recipe, where: _Where) -> list[str]:
+    """What each stage needs from the recipe or from the stages before it in a round."""
+    problems, stages = [], cfg.stages
+    rs, dpo = cfg.rejection_sampling, cfg.dpo
+    if "sft" in cfg.all_stages and not cfg.sft.data and "rejection_sampling" not in stages \
+            and "synth_data" not in stages:
+        problems.append(where("sft.data", "the sft stage needs at least one data source"))
+    if cfg.initial_sft and not cfg.sft.data:
+        problems.append(where("initial_sft", "round 0's SFT trains on sft.data, which is empty"))
+    if "reward" in stages and not cfg.reward.data and not (cfg.reward.round_pairs and cfg.rounds > 1
+                                                              and "rejection_sampling" in stages):
+        problems.append(where("reward.data", "the reward stage needs preference data: reward.data, "
+                                             "or earlier rounds' rejection-sampling pairs"))
+    if "rejection_sampling" in stages:
+        if not rs.prompts:
+            problems.append(where("rejection_sampling.prompts", "rejection sampling needs prompts"))
+        if rs.pairs and rs.num_samples < 2:
+            problems.append(where("rejection_sampling.num_samples",
+                                  f"building best/worst pairs needs at least 2 samples per prompt "
+                                  f"(got {rs.num_samples}); raise it or set pairs: false"))
+        groups = len(rs.temperatures) * len(rs.system_prompts)
+        if rs.num_samples < groups:
+            problems.append(where("rejection_sampling.num_samples",
+                                  f"{rs.num_samples} samples cannot cover {len(rs.temperatures)} "
+                                  f"temperature(s) x {len(rs.system_prompts)} system prompt(s)"))
+        if rs.scoring.reward_model > 0 and "reward" not in stages and rs.reward_model is None:
+            problems.append(where("rejection_sampling.scoring.reward_model",
+                                  "scoring with a reward model needs a reward stage in the round "
+                                  "or rejection_sampling.reward_model; or set its weight to 0"))
+        if rs.scoring.reward_model == 0 and not rs.scoring.verifiers:
+            problems.append(where("rejection_sampling.scoring", "nothing scores the samples: give "
+                                                                "the reward model a weight or name a verifier"))
+    if "synth_data" in stages and not (cfg.synth_data.documents or cfg.synth_data.prompts):
+        problems.append(where("synth_data", "synthetic data needs seed documents or prompts"))
+    if "dpo" in stages and not dpo.data and not ("rejection_sampling" in stages and rs.pairs) \
+            and not (cfg.safety and cfg.safety.dpo_ratio > 0 and cfg.safety.data):
+        problems.append(where("dpo.data", "the dpo stage needs preference pairs: dpo.data, or "
+                                          "rejection_sampling with pairs in the same round"))
+    if cfg.safety is not None and not cfg.safety.data and not cfg.safety.eval_data:
+        problems.append(where("safety.data", "the safety section needs data or eval_data"))
+    if cfg.safety is not None and cfg.safety.classifier == "llama_guard" and not cfg.safety.llama_guard:
+        problems.append(where("safety.llama_guard", "classifier: llama_guard needs the path of a "
+                                                    "Llama Guard 3 checkpoint"))
+    ev = cfg.evaluation
+    if ev is not None:
+        if ev.task is None and not ev.safety and not ev.reward:
+            problems.append(where("evaluation", "nothing to evaluate: set task (with data), safety or reward"))
+        if ev.task is not None and not ev.data:
+            problems.append(where("evaluation.data", "task accuracy needs prompts with answers"))
+        if ev.safety and (cfg.safety is None or not cfg.safety.eval_data):
+            problems.append(where("evaluation.safety", "needs safety.eval_data (held-out "
+                                                       "adversarial and borderline prompts)"))
+    return problems
+
+
+def _check_generation(cfg: Recipe, where: _Where) -> list[str]:
+    gen = cfg.generation
+    if gen.backend == "vllm" and not _has_module("vllm"):
+        return [where("generation.backend", "backend vllm needs vLLM in this Python environment "
+                                            "(pip install 'alignloop[vllm]'), or use vllm_server "
+                                            "with server_python / server_url, or hf")]
+    if gen.backend == "vllm_server" and not (gen.server_url or gen.server_python):
+        return [where("generation.backend", "vllm_server needs server_url (a running endpoint) or "
+                                            "server_python (a Python with vLLM, to start one)")]
+    return []
 
 
 def _check_builtins(cfg: Recipe, where: _Where) -> list[str]:
     from alignloop.data.tasks import BUILTIN
 
-    lists = {"sft.data": cfg.sft.data, "sft.eval_data": cfg.sft.eval_data,
-             "evaluation.data": cfg.evaluation.data if cfg.evaluation else []}
     return [where(f"{key}.{i}.builtin", f"unknown builtin dataset '{src.builtin}' "
                                         f"(known: {', '.join(sorted(BUILTIN))})")
-            for key, sources in lists.items() for i, src in enumerate(sources)
+            for key, sources in _source_lists(cfg).items() for i, src in enumerate(sources)
             if src.builtin is not None and src.builtin not in BUILTIN]
 
 
+def _check_verifiers(cfg: Recipe, where: _Where) -> list[str]:
+    from alignloop.data.tasks import VERIFIERS
+
+    names = {f"rejection_sampling.scoring.verifiers.{n}": n for n in cfg.rejection_sampling.scoring.verifiers}
+    names.update({f"synth_data.scoring.verifiers.{n}": n for n in cfg.synth_data.scoring.verifiers})
+    if cfg.evaluation is not None and cfg.evaluation.task is not None:
+        names["evaluation.task"] = cfg.evaluation.task
+    return [where(key, f"unknown verifier '{name}' (known: {', '.join(sorted(VERIFIERS))}; or "
+                       "package.module:function)")
+            for key, name in names.items() if name not in VERIFIERS and ":" not in name]
+
+
 def _check_precision(cfg: Recipe, where: _Where) -> list[str]:
-    options = cfg.sft.trainer_options
-    wants_bf16 = cfg.precision == "bf16" or options.get("bf16") is True
-    wants_fp16 = cfg.precision == "fp16" or options.get("fp16") is True
-    key = "precision" if cfg.precision in ("bf16", "fp16") else "sft.bf16" if wants_bf16 else "sft.fp16"
-    if wants_bf16 and wants_fp16:
-        return [where(key, "bf16 and fp16 are both on; choose one")]
-    if wants_bf16 and not bf16_supported():
-        return [where(key, "bf16 was asked for, but this machine has no CUDA GPU and its CPU has no "
-                           "native bfloat16 (AVX512-BF16/AMX); use precision: auto or fp32")]
-    if wants_fp16 and not _cuda():
-        return [where(key, "fp16 mixed precision needs a CUDA GPU; use precision: auto or fp32")]
-    return []
+    problems = []
+    for stage in _trained(cfg) or ["sft"]:
+        options = getattr(cfg, stage).trainer_options
+        wants_bf16 = cfg.precision == "bf16" or options.get("bf16") is True
+        wants_fp16 = cfg.precision == "fp16" or options.get("fp16") is True
+        key = ("precision" if cfg.precision in ("bf16", "fp16")
+               else f"{stage}.bf16" if wants_bf16 else f"{stage}.fp16")
+        if wants_bf16 and wants_fp16:
+            problems.append(where(key, "bf16 and fp16 are both on; choose one"))
+        elif wants_bf16 and not bf16_supported():
+            problems.append(where(key, "bf16 was asked for, but this machine has no CUDA GPU and its "
+                                       "CPU has no native bfloat16 (AVX512-BF16/AMX); use precision: "
+                                       "auto or fp32"))
+        elif wants_fp16 and not _cuda():
+            problems.append(where(key, "fp16 mixed precision needs a CUDA GPU; use precision: auto or fp32"))
+    return list(dict.fromkeys(problems))  # `precision: bf16` is one problem, not one per stage
 
 
 def _cuda() -> bool:
@@ -456,9 +577,9 @@ _MANAGED = {
 
 
 def trl_config_class(stage: str):
-    from trl import SFTConfig
+    from trl import DPOConfig, RewardConfig, SFTConfig
 
-    return {"sft": SFTConfig}[stage]
+    return {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}[stage]
 
 
 def _trainer_fields(stage: str) -> set[str]:
@@ -467,7 +588,7 @@ def _trainer_fields(stage: str) -> set[str]:
 
 def _check_trainer_options(cfg: Recipe, where: _Where) -> list[str]:
     problems = []
-    for stage in STAGES:
+    for stage in TRAINING_STAGES:  # every section with options, run or not: a typo is a typo
         section = getattr(cfg, stage)
         options = section.trainer_options
         if not options:
@@ -536,7 +657,28 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
     if stage == "sft":
         # Labels are built by alignloop (assistant tokens only), so TRL sees a tokenized dataset.
         options.setdefault("max_length", 1024)
+    if stage == "dpo":
+        options.update(_dpo_options(section, options))
     return trl_config_class(stage)(**options)
+
+
+def _dpo_options(section: DPOStageConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """Llama 3's DPO (reference A5): the sigmoid loss plus an NLL term on the chosen response
+    with weight `nll_weight` (TRL: loss_type ["sigmoid", "sft"]), and reference log-probs
+    precomputed when that saves time."""
+    out: dict[str, Any] = {}
+    if "loss_type" not in options:
+        if section.nll_weight > 0:
+            out["loss_type"], out["loss_weights"] = ["sigmoid", "sft"], [1.0, section.nll_weight]
+        else:
+            out["loss_type"] = ["sigmoid"]
+    precompute = section.precompute_ref_log_probs
+    if precompute == "auto":
+        # Once per example instead of once per epoch; and a full fine-tune then needs no second
+        # copy of the model in memory during training. LoRA's reference is the adapter-free base.
+        precompute = options.get("num_train_epochs", 3) > 1 or section.method == "full"
+    out["precompute_ref_log_probs"] = precompute
+    return out
 
 
 def dump_recipe(cfg: Recipe) -> str:

@@ -1,0 +1,29 @@
+"""The `dpo` recipe section (reference A5)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignloop.data.source_config import SourceConfig
+from alignloop.options import LoraOptions, QuantizationOptions, TrainerSection
+
+
+class DPOStageConfig(TrainerSection):
+    """Our keys below; any other key is a TRL DPOConfig option (beta defaults to 0.1 as in Llama 3)."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraOptions | None = None
+    quantization: QuantizationOptions | None = None
+    merge: bool = False
+    data: list[SourceConfig] = Field(default_factory=list)  # preference pairs / rankings of the user
+    # Which rounds' rejection-sampling pairs join `data`: Llama 3 uses the latest batches only.
+    pairs: Literal["newest", "all"] = "newest"
+    # Weight of the NLL term on the chosen response (Llama 3: 0.2; 0 turns it off).
+    nll_weight: float = Field(default=0.2, ge=0)
+    # Mask header and end-of-turn tokens out of the loss in chosen and rejected (Llama 3).
+    mask_formatting_tokens: bool = True
+    # Reference log-probs computed once before training: "auto" does so when it saves time
+    # (more than one epoch, or a full fine-tune that would otherwise keep a reference copy).
+    precompute_ref_log_probs: Literal["auto"] | bool = "auto"

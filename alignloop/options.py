@@ -1,0 +1,62 @@
+"""Option blocks shared by several recipe sections (LoRA, quantization, scoring, trainer sections).
+
+Only pydantic and the standard library here: `alignloop.config` and every stage's `config.py`
+import this module, and validating a recipe must stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraOptions(Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+
+
+class QuantizationOptions(Strict):
+    """bitsandbytes quantization of the frozen base for QLoRA."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class TrainerSection(BaseModel):
+    """A training stage's section: alignloop's keys (declared by subclasses) plus any key of the
+    stage's TRL config (SFTConfig, RewardConfig, DPOConfig), passed through and type-checked by
+    `alignloop.config`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    keep_checkpoints: bool = False  # keep <run>/.work/<round>/<stage>/checkpoints after completion
+    # Average the weights of the last N saved checkpoints (the final weights included) into the
+    # stage's model: a cheap form of Llama 3's model averaging (reference A1, §4.1.5). None: off.
+    average_checkpoints: int | None = Field(default=None, ge=2)
+
+    @property
+    def trainer_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ScoringConfig(Strict):
+    """How a response is scored: a weighted sum of the reward model's score and verifier scores.
+
+    `reward_model`: weight of the learned reward model's score (0 = not used).
+    `verifiers`: verifier name -> weight; names come from `alignloop.reward.verifiers.VERIFIERS`,
+    or `package.module:function` for a user's own. A verifier returns a score in [0, 1].
+    """
+
+    reward_model: float = Field(default=1.0, ge=0)
+    verifiers: dict[str, float] = Field(default_factory=dict)
