@@ -499,7 +499,7 @@ def _check_builtins(cfg: Recipe, where: _Where) -> list[str]:
 
 
 def _check_verifiers(cfg: Recipe, where: _Where) -> list[str]:
-    from alignloop.data.tasks import VERIFIERS
+    from alignloop.reward.verifiers import VERIFIERS
 
     names = {f"rejection_sampling.scoring.verifiers.{n}": n for n in cfg.rejection_sampling.scoring.verifiers}
     names.update({f"synth_data.scoring.verifiers.{n}": n for n in cfg.synth_data.scoring.verifiers})
@@ -654,6 +654,9 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
     legacy = options.pop("gradient_checkpointing", True)
     options.setdefault("activation_checkpointing", legacy)
     options["output_dir"] = str(output_dir)
+    if section.average_checkpoints and options.get("save_total_limit") is not None:
+        # averaging reads the last average_checkpoints - 1 checkpoints: keep at least that many
+        options["save_total_limit"] = max(options["save_total_limit"], section.average_checkpoints)
     if stage == "sft":
         # Labels are built by alignloop (assistant tokens only), so TRL sees a tokenized dataset.
         options.setdefault("max_length", 1024)

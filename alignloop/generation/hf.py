@@ -25,10 +25,19 @@ class SamplingSettings:
     seed: int = 0
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], settings: SamplingSettings,
              batch_size: int = 16, progress: bool = True) -> list[list[str]]:
     """For each prompt, `settings.n` completions (decoded text without special tokens)."""
+    samples = generate_samples(model, tokenizer, prompts, settings, batch_size, progress)
+    return [[s.text for s in group] for group in samples]
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: list[list[dict]], settings: SamplingSettings,
+                     batch_size: int = 16, progress: bool = True):
+    """For each prompt, `settings.n` Samples (text, token ids, per-token log-probs, finish reason)."""
+    from alignloop.generation.backends import Sample
+
     if settings.n > 1 and settings.temperature == 0:
         raise ValueError("n > 1 samples with temperature 0 would repeat the same greedy answer; "
                          "set a temperature > 0")
@@ -47,9 +56,21 @@ def generate(model, tokenizer, prompts: list[list[dict]], settings: SamplingSett
             max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
             temperature=settings.temperature if settings.temperature > 0 else None,
             top_p=settings.top_p if settings.temperature > 0 else None,
-            num_return_sequences=settings.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(sampled[:, input_ids.shape[1]:], skip_special_tokens=True)
-        out += [texts[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
+            num_return_sequences=settings.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            output_logits=True, return_dict_in_generate=True)
+        # log-probs of the model itself (before temperature / top-p), per sampled token
+        logits = torch.stack(sampled.logits, dim=1)  # (B*n, T, V)
+        completion = sampled.sequences[:, input_ids.shape[1]:]  # (B*n, T)
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
+        group = []
+        for row in range(completion.shape[0]):
+            ids = completion[row].tolist()
+            stop = next((i for i, t in enumerate(ids) if t in eos), None)
+            end = len(ids) if stop is None else stop + 1
+            group.append(Sample(text=tokenizer.decode(ids[:end], skip_special_tokens=True),
+                                token_ids=ids[:end], logprobs=logprobs[row, :end].tolist(),
+                                finish_reason="length" if stop is None else "stop"))
+        out += [group[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
         bar.update(len(batch))
     bar.close()
     return out

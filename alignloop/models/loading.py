@@ -58,27 +58,50 @@ def torch_dtype(model: ModelConfig, precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def load_model(cfg: Recipe, path: str, *, quantize: bool = False):
-    """A causal LM for training or generation; `quantize` loads the base in bitsandbytes 4/8-bit."""
+def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=None,
+               model_class=None, **kwargs):
+    """A model for training or generation, by default a causal LM.
+
+    `quantize` loads the base in bitsandbytes 4/8-bit (`quantization`: a QuantizationOptions,
+    default 4-bit NF4 with double quantization). A LoRA adapter directory is loaded on its base
+    and merged, so that a stage can start from a previous stage's adapter. `model_class`: e.g.
+    `AutoModelForSequenceClassification` for reward models; `kwargs` go to `from_pretrained`.
+    """
     from transformers import AutoModelForCausalLM
 
+    model_class = model_class or AutoModelForCausalLM
     precision = resolved_precision(cfg)
     dtype = torch_dtype(cfg.model, precision)
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
-              "revision": cfg.model.revision}
+              "revision": cfg.model.revision, **kwargs}
     if quantize:
-        kwargs["quantization_config"] = bnb_config(cfg, dtype)
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
         kwargs["device_map"] = _device_map()
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file() and not quantize:
+        model = _merged_adapter(path, model_class, kwargs)
+    else:
+        model = model_class.from_pretrained(path, **kwargs)
     logger.info("loaded %s (%s, %.1fM parameters%s)", path, dtype, model.num_parameters() / 1e6,
                 ", quantized" if quantize else "")
     return model
 
 
-def bnb_config(cfg: Recipe, compute_dtype: torch.dtype):
+def _merged_adapter(path: str, model_class, kwargs):
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = model_class.from_pretrained(base_path, **kwargs)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
+def bnb_config(quantization, compute_dtype: torch.dtype):
+    """bitsandbytes settings from a QuantizationOptions (None: 4-bit NF4, double quantization)."""
     from transformers import BitsAndBytesConfig
 
-    q = cfg.sft.quantization
+    q = quantization
     bits, quant_type, double = (q.bits, q.quant_type, q.double_quant) if q else (4, "nf4", True)
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -96,16 +119,22 @@ def _device_map():
     return {"": "cpu"}
 
 
-def lora_config(cfg: Recipe):
-    """peft LoraConfig from the recipe's `sft.lora` (defaults when the section is absent)."""
+def lora_config(options=None, task_type: str = "CAUSAL_LM"):
+    """peft LoraConfig from a stage's `lora` options (LoraOptions; None: the defaults).
+
+    Reward models (task_type "SEQ_CLS") also train and save their new score head.
+    """
     from peft import LoraConfig
 
-    from alignloop.config import LoraOptions
+    from alignloop.options import LoraOptions
 
-    opts = cfg.sft.lora or LoraOptions()
+    opts = options or LoraOptions()
+    modules_to_save = opts.modules_to_save
+    if task_type == "SEQ_CLS" and modules_to_save is None:
+        modules_to_save = ["score"]
     return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                      target_modules=opts.target_modules, modules_to_save=opts.modules_to_save,
-                      task_type="CAUSAL_LM")
+                      target_modules=opts.target_modules, modules_to_save=modules_to_save,
+                      task_type=task_type)
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -229,7 +229,7 @@ def _evaluate(cfg: Recipe, run_dir: Path, when: str, stage: StageResult | None) 
 
 def _accuracy(cfg: Recipe, stage: StageResult | None) -> dict:
     from alignloop.data.sources import load_sources
-    from alignloop.evaluation import task_accuracy
+    from alignloop.evaluation.task import task_accuracy
     from alignloop.models.loading import load_for_inference, load_model, load_tokenizer, resolve_path
 
     prompts = load_sources(cfg.evaluation.data, "prompt", cfg.bad_records, cfg.seed).records

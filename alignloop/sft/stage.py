@@ -65,10 +65,10 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
         eval_set, _ = build_sft_dataset(held_out.records, tokenizer, args.max_length, cfg.sft.empty_mask)
 
     method = cfg.sft.method
-    model = load_model(cfg, path, quantize=method == "qlora")
+    model = load_model(cfg, path, quantize=method == "qlora", quantization=cfg.sft.quantization)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer,
-                         peft_config=lora_config(cfg) if method != "full" else None)
+                         peft_config=lora_config(cfg.sft.lora) if method != "full" else None)
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if last:
         logger.info("resuming sft from %s", last)
