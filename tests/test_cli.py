@@ -57,12 +57,12 @@ def test_bad_record_names_file_line_and_field(tmp_path):
     out = cli("run", str(recipe))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{data}:2: messages.1.role: unknown role 'bot'" in out.stderr
-    assert not (tmp_path / "run" / "sft").exists()
+    assert not (tmp_path / "run" / "round_1" / "sft").exists()
     # with bad_records: skip the run goes on and the skip is reported
     recipe.write_text("bad_records: skip\n" + recipe.read_text())
     out = cli("run", str(recipe))
     assert out.returncode == 0, out.stderr
-    report = json.loads((tmp_path / "run" / "sft" / "metrics.json").read_text())["data"][0]
+    report = json.loads((tmp_path / "run" / "round_1" / "sft" / "metrics.json").read_text())["data"][0]
     assert report["skipped"] == 1 and f"{data}:2: messages.1.role" in report["reasons"][0]
 
 
@@ -88,7 +88,7 @@ def test_generate(tmp_path, tiny_dir):
 def final_weights(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "sft" / "model" / "model.safetensors"))
+    return load_file(str(run_dir / "round_1" / "sft" / "model" / "model.safetensors"))
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
 
     proc = subprocess.Popen([*CLI, "run", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "b" / "run" / ".work" / "sft" / "checkpoints"
+    checkpoints = tmp_path / "b" / "run" / ".work" / "round_1" / "sft" / "checkpoints"
     deadline = time.time() + 300
     while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -112,12 +112,12 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     time.sleep(0.3)  # let the checkpoint finish writing: resume must cope with whatever is there
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "b" / "run" / "sft").exists()  # no half-written stage directory
+    assert not (tmp_path / "b" / "run" / "round_1" / "sft").exists()  # no half-written stage directory
 
     resumed = cli("run", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((tmp_path / "b" / "run" / "manifest.json").read_text())
-    assert "checkpoint-" in (manifest["stages"]["sft"]["metrics"]["resumed_from"] or "")
+    assert "checkpoint-" in (manifest["stages"]["round_1/sft"]["metrics"]["resumed_from"] or "")
     a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
@@ -134,7 +134,7 @@ def test_two_process_accelerate_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "run"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["stages"]["sft"]["metrics"]["steps"] == 6
-    assert (run_dir / "sft" / "model" / "model.safetensors").is_file()
-    state = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert manifest["stages"]["round_1/sft"]["metrics"]["steps"] == 6
+    assert (run_dir / "round_1" / "sft" / "model" / "model.safetensors").is_file()
+    state = json.loads((run_dir / "round_1" / "sft" / "metrics.json").read_text())
     assert state["world_size"] == 2

@@ -52,7 +52,7 @@ def falls(losses):
 def test_full_finetune_loss_falls_and_reloads(tmp_path):
     result = run_stage("sft", recipe(tmp_path, report_to="tensorboard"))
     losses = result.metrics["losses"]
-    assert list((tmp_path / "run" / "logs" / "sft").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "logs" / "round_1" / "sft").rglob("events.out.tfevents.*"))
     assert len(losses) == 8 and falls(losses), losses
     files = {p.name for p in (result.path / "model").iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files
@@ -116,23 +116,24 @@ def test_run_resumes_skips_and_reruns_on_change(tmp_path):
                                                           "count": 16}], "max_new_tokens": 12}
     first = run(spec)
     run_dir = tmp_path / "run"
-    for name in ("recipe.yaml", "manifest.json", "eval/before.json", "eval/after.json", "sft/model"):
+    for name in ("recipe.yaml", "manifest.json", "base_eval/metrics.json", "round_1/eval/metrics.json",
+                 "round_1/sft/model", "report.md", "report.png"):
         assert (run_dir / name).exists(), name
-    assert not (run_dir / ".work" / "sft").exists()  # checkpoints removed once complete
+    assert not (run_dir / ".work" / "round_1" / "sft").exists()  # checkpoints removed once complete
     manifest = read_manifest(run_dir)
-    assert manifest["stages"]["sft"]["status"] == "complete" and manifest["versions"]["trl"]
-    assert first.evaluation["after"]["total"] == 16
+    assert manifest["stages"]["round_1/sft"]["status"] == "complete" and manifest["versions"]["trl"]
+    assert first.evaluation["after"]["task"]["total"] == 16 and "accuracy" in first.evaluation["before"]["summary"]
     model, tokenizer = first["sft"].load_model()  # the notebook API
     assert model.config.model_type == "llama" and tokenizer.chat_template
     assert len(first["sft"].dataset()) == 400
 
     again = run(spec)
-    assert again["sft"].skipped and again["sft"].metrics == manifest["stages"]["sft"]["metrics"]
+    assert again["sft"].skipped and again["sft"].metrics == manifest["stages"]["round_1/sft"]["metrics"]
 
     changed = load_recipe(spec, ["sft.learning_rate=1e-3"])
     third = run(changed)
     assert not third["sft"].skipped
-    assert read_manifest(run_dir)["stages"]["sft"]["key"] != manifest["stages"]["sft"]["key"]
+    assert read_manifest(run_dir)["stages"]["round_1/sft"]["key"] != manifest["stages"]["round_1/sft"]["key"]
 
 
 def test_packing_keeps_every_document_and_loss_token(tmp_path):

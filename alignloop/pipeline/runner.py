@@ -1,14 +1,17 @@
-"""A run: a recipe's stages in order, inside one run directory that survives being killed.
+"""A run: rounds of stages inside one run directory that survives being killed.
 
-    <output_dir>/recipe.yaml        the resolved recipe (defaults filled in)
-    <output_dir>/<stage>/           a stage's artifacts; the directory appears only when complete
-    <output_dir>/eval/before.json   held-out task accuracy of the starting model
-    <output_dir>/eval/after.json    ... and of the final model
-    <output_dir>/manifest.json      per stage: key, status, timing, metrics; written last, atomically
-    <output_dir>/.work/<stage>/     checkpoints of a stage in progress (what resume continues from)
+    <output_dir>/recipe.yaml              the resolved recipe (defaults filled in)
+    <output_dir>/round_<k>/<stage>/       a complete stage's artifacts (docs/architecture.md)
+    <output_dir>/round_<k>/eval/          metrics.json + answers.jsonl of the policy after round k
+    <output_dir>/base_eval/               ... of the starting model (evaluation.before)
+    <output_dir>/manifest.json            per stage: key, inputs, status, attempts, timing, metrics
+    <output_dir>/report.md, report.png    per-round metrics, rewritten after every round
+    <output_dir>/.work/round_<k>/<stage>/ checkpoints of a stage in progress (resume continues here)
 
-A stage whose key (its config, the model it starts from, its data files' contents and the
-alignloop version, hashed) matches a completed record is skipped; a changed config re-runs it.
+`plan()` lays the whole run out before anything runs: every stage's context (policy, reward
+model, input artifacts) and its key, a hash over its config, data and the keys of what it
+consumes. A stage whose key matches a complete record is skipped; a changed config changes its
+key and the keys downstream, so those stages run again (STYLE.md: manifest written last).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from pathlib import Path
 
 from alignloop import __version__
 from alignloop.config import Recipe, dump_recipe, load_recipe
+from alignloop.pipeline.context import StageContext
 
 logger = logging.getLogger("alignloop.pipeline")
 
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
+             "evaluate")
+TRAINED_POLICY = ("sft", "dpo")  # stages whose model becomes the policy
 
 
 @dataclass
@@ -39,6 +45,7 @@ class StageResult:
     path: Path
     metrics: dict
     skipped: bool = False  # True when this run found it already complete
+    round: int = 1
 
     @property
     def model_dir(self) -> Path:
@@ -52,47 +59,250 @@ class StageResult:
 
         return load_for_inference(self.model_dir)
 
-    def dataset(self):
-        """The records the stage trained on, as a `datasets.Dataset`."""
+    def dataset(self, name: str = "data.jsonl"):
+        """A JSONL artifact of the stage (default: the records it trained on) as a `datasets.Dataset`."""
         from datasets import Dataset
 
-        return Dataset.from_json(str(self.path / "data.jsonl"))
+        return Dataset.from_json(str(self.path / name))
 
 
 @dataclass
 class RunResult:
     output_dir: Path
-    stages: dict[str, StageResult] = field(default_factory=dict)
-    evaluation: dict = field(default_factory=dict)  # "before" / "after" task accuracy
+    stages: dict[str, StageResult] = field(default_factory=dict)  # "round_1/sft" -> result
+    # "before": the starting model; "round_<k>": after round k; "after": the final policy
+    evaluation: dict = field(default_factory=dict)
 
     def __getitem__(self, stage: str) -> StageResult:
-        return self.stages[stage]
+        """`result["round_1/sft"]`, or `result["sft"]` for the stage's latest round."""
+        if stage in self.stages:
+            return self.stages[stage]
+        matches = [r for label, r in self.stages.items() if label.endswith(f"/{stage}")]
+        if not matches:
+            raise KeyError(f"no stage {stage!r} in this run ({', '.join(self.stages)})")
+        return matches[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class Step:
+    """One stage of one round, laid out before the run: its context and key."""
+
+    ctx: StageContext
+    key: str
+    consumes: dict[str, str]  # what it reads -> the key of the stage (or model) that produced it
+
+
+def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
+    """Every stage of the run in order, and per round the policy after it (path and key)."""
+    from alignloop.models.loading import resolve_path
+
+    base = resolve_path(cfg.model)
+    base_key = _hash({"model": cfg.model.model_dump(mode="json")})
+    policy, policy_key = base, base_key
+    steps: list[Step] = []
+    produced: dict[str, list[tuple[int, Path, str]]] = {"rs_best": [], "synthetic": [], "rs_pairs": []}
+    rounds: dict[int, dict] = {}
+    schedule = ([(0, ["sft"])] if cfg.initial_sft else []) + \
+               [(k, list(cfg.stages)) for k in range(1, cfg.rounds + 1)]
+    for rnd, stages in schedule:
+        reward_dir, reward_key = _external_reward_model(cfg)
+        for position, name in enumerate(stages):
+            start, start_key = (base, base_key) if name == "sft" and cfg.sft.start == "base" \
+                else (policy, policy_key)
+            inputs, consumes = _inputs(cfg, name, rnd, produced)
+            consumes.update(policy=start_key)
+            if name in ("rejection_sampling", "synth_data"):
+                consumes["reward_model"] = reward_key
+            ctx = StageContext(
+                name=name, round=rnd, policy=start, base=base, seed=cfg.seed + rnd,
+                work_dir=run_dir / ".work" / f"round_{rnd}" / name,
+                log_dir=run_dir / "logs" / f"round_{rnd}" / name,
+                reward_model=reward_dir if name != "reward" else None, inputs=inputs,
+                merge=_later_stage_starts_from(name, stages[position + 1:], rnd, schedule))
+            key = stage_key(cfg, ctx, consumes)
+            steps.append(Step(ctx, key, consumes))
+            out = run_dir / ctx.label
+            if name == "reward":
+                reward_dir, reward_key = out / "model", key
+            elif name in TRAINED_POLICY:
+                policy, policy_key = str(_model_dir(out)), key
+            elif name == "rejection_sampling":
+                produced["rs_best"].append((rnd, out / "best.jsonl", key))
+                if cfg.rejection_sampling.pairs:
+                    produced["rs_pairs"].append((rnd, out / "pairs.jsonl", key))
+            elif name == "synth_data":
+                produced["synthetic"].append((rnd, out / "data.jsonl", key))
+        rounds[rnd] = {"policy": policy, "policy_key": policy_key, "reward_model": reward_dir,
+                       "reward_key": reward_key}
+    return steps, rounds
+
+
+def _model_dir(stage_dir: Path) -> Path:
+    """Where a training stage's model will be: merged/ for LoRA stages that merge, else model/.
+    Known only once the stage ran, so callers resolve it again through StageResult.model_dir."""
+    return stage_dir / "model"
+
+
+def _later_stage_starts_from(name: str, rest: list[str], rnd: int, schedule) -> bool:
+    """A LoRA stage whose model a later stage loads must also write merged/."""
+    if name not in TRAINED_POLICY:
+        return False
+    later_rounds = any(r > rnd for r, _ in schedule)
+    return bool(rest) or later_rounds
+
+
+def _external_reward_model(cfg: Recipe) -> tuple[Path | None, str | None]:
+    path = cfg.rejection_sampling.reward_model
+    if path is None:
+        return None, None
+    return Path(path), _hash({"reward_model": path, "fingerprint": _fingerprint(Path(path))})
+
+
+def _inputs(cfg: Recipe, name: str, rnd: int, produced) -> tuple[dict[str, list[Path]], dict]:
+    """The artifact files stage `name` of round `rnd` reads, and the keys of their producers."""
+    def pick(kind: str, which: str, earlier_only: bool = False):
+        rows = [(r, p, k) for r, p, k in produced[kind] if r < rnd or (r == rnd and not earlier_only)]
+        if which == "newest" and rows:
+            newest = max(r for r, _, _ in rows)
+            rows = [row for row in rows if row[0] == newest]
+        return rows
+
+    chosen: dict[str, list] = {}
+    if name == "sft":
+        chosen["rs_best"] = pick("rs_best", cfg.sft.rejection_sampled)
+        chosen["synthetic"] = pick("synthetic", cfg.sft.synthetic)
+    elif name == "dpo":
+        chosen["rs_pairs"] = [row for row in pick("rs_pairs", cfg.dpo.pairs)]
+    elif name == "reward" and cfg.reward.round_pairs:
+        chosen["rs_pairs"] = pick("rs_pairs", "all", earlier_only=True)
+    inputs = {kind: [p for _, p, _ in rows] for kind, rows in chosen.items() if rows}
+    consumes = {f"{kind}:{p.parent.parent.name}": k for kind, rows in chosen.items() for _, p, k in rows}
+    return inputs, consumes
+
+
+def stage_key(cfg: Recipe, ctx: StageContext, consumes: dict) -> str:
+    """Hash of what determines a stage's output: its config, data, inputs and the code version."""
+    section = getattr(cfg, ctx.name)
+    sources = [s for s in _stage_sources(cfg, ctx.name) if s.path is not None]
+    parts = {
+        "stage": ctx.name,
+        "round": ctx.round,
+        "section": section.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "bad_records": cfg.bad_records,
+        "data": [_fingerprint(src.path) for src in sources],
+        "consumes": consumes,
+        "alignloop": __version__,
+    }
+    if ctx.name in ("sft", "dpo") and cfg.safety is not None:
+        parts["safety"] = cfg.safety.model_dump(mode="json")
+    if ctx.name in ("rejection_sampling", "synth_data"):
+        parts["generation"] = cfg.generation.model_dump(mode="json")
+    return _hash(parts)
+
+
+def _stage_sources(cfg: Recipe, name: str) -> list:
+    section = getattr(cfg, name)
+    lists = {"sft": ["data", "eval_data"], "reward": ["data", "eval_data"], "dpo": ["data"],
+             "rejection_sampling": ["prompts"], "synth_data": ["documents", "prompts"]}[name]
+    sources = [s for attr in lists for s in getattr(section, attr)]
+    if name in ("sft", "dpo") and cfg.safety is not None:
+        sources += cfg.safety.data
+    return sources
+
+
+def _hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
 
 
 def run(recipe: Recipe | str | Path | dict, overrides=(), *, output_dir=None) -> RunResult:
-    """Runs every stage of the recipe (skipping completed ones) and the evaluation around them."""
+    """Runs every round of the recipe (skipping completed stages) and the evaluations."""
+    from alignloop.evaluation.rounds import evaluate_round
+    from alignloop.pipeline.report import write_report
+
     cfg = _as_recipe(recipe, overrides, output_dir)
     run_dir = _prepare(cfg)
+    steps, rounds = plan(cfg, run_dir)
     result = RunResult(output_dir=run_dir)
     if cfg.evaluation is not None and cfg.evaluation.before:
-        result.evaluation["before"] = _evaluate(cfg, run_dir, "before", None)
-    model_path = None
-    for stage in cfg.stages:
-        result.stages[stage] = _run_stage(cfg, run_dir, stage, model_path)
-        model_path = str(result.stages[stage].model_dir)
-    if cfg.evaluation is not None and result.stages:
-        result.evaluation["after"] = _evaluate(cfg, run_dir, "after", result.stages[cfg.stages[-1]])
+        result.evaluation["before"] = evaluate_round(cfg, run_dir, "base", None, None)
+    current = None
+    for step in steps:
+        if current is not None and step.ctx.round != current:
+            _finish_round(cfg, run_dir, current, result, rounds)
+        current = step.ctx.round
+        step.ctx.policy = _resolved(step.ctx.policy)
+        result.stages[step.ctx.label] = _execute(cfg, run_dir, step)
+    if current is not None:
+        _finish_round(cfg, run_dir, current, result, rounds)
+    write_report(cfg, run_dir)
     _print_summary(result)
     return result
 
 
+def _finish_round(cfg: Recipe, run_dir: Path, rnd: int, result: RunResult, rounds: dict) -> None:
+    from alignloop.evaluation.rounds import evaluate_round
+    from alignloop.pipeline.report import write_report
+
+    if cfg.evaluation is None:
+        return
+    info = rounds[rnd]
+    policy = _resolved(info["policy"])
+    previous = f"round_{rnd - 1}" if rnd - 1 in rounds else ("base" if cfg.evaluation.before else None)
+    result.evaluation[f"round_{rnd}"] = evaluate_round(
+        cfg, run_dir, f"round_{rnd}", {"path": policy, "key": info["policy_key"]},
+        {"path": info["reward_model"], "key": info["reward_key"]} if info["reward_model"] else None,
+        previous=previous)
+    result.evaluation["after"] = result.evaluation[f"round_{rnd}"]
+    write_report(cfg, run_dir)
+
+
+def _resolved(policy: str) -> str:
+    """A planned model/ directory of a LoRA stage that merged resolves to its merged/ sibling."""
+    path = Path(policy)
+    if path.name == "model" and (path.parent / "merged").is_dir():
+        return str(path.parent / "merged")
+    return policy
+
+
 def run_stage(name: str, recipe: Recipe | str | Path | dict, overrides=(), *,
-              output_dir=None) -> StageResult:
-    """Runs one stage of the recipe, from the recipe's model."""
+              output_dir=None, round: int | None = None) -> StageResult:
+    """Runs stage `name` of `round` (default: the first round that has it), after running the
+    stages before it that are not complete yet; nothing after it."""
     cfg = _as_recipe(recipe, overrides, output_dir)
-    if name not in cfg.stages:
-        raise ValueError(f"stage '{name}' is not in this recipe's stages ({', '.join(cfg.stages)})")
-    return _run_stage(cfg, _prepare(cfg), name, None)
+    if name not in cfg.all_stages:
+        raise ValueError(f"stage '{name}' is not in this recipe's stages ({', '.join(cfg.all_stages)})")
+    run_dir = _prepare(cfg)
+    steps, _ = plan(cfg, run_dir)
+    target = next((i for i, s in enumerate(steps)
+                   if s.ctx.name == name and (round is None or s.ctx.round == round)), None)
+    if target is None:
+        raise ValueError(f"stage '{name}' does not run in round {round}")
+    for step in steps[:target + 1]:
+        step.ctx.policy = _resolved(step.ctx.policy)
+        last = _execute(cfg, run_dir, step)
+    return last
 
 
 def _as_recipe(recipe, overrides, output_dir) -> Recipe:
@@ -115,40 +325,56 @@ def _prepare(cfg: Recipe) -> Path:
     return run_dir
 
 
-# ---------------------------------------------------------------------------------------------
-# Stages
+def _stage_function(name: str):
+    import importlib
+
+    return importlib.import_module(f"alignloop.{name}.stage").run
 
 
-def _run_stage(cfg: Recipe, run_dir: Path, stage: str, model_path: str | None) -> StageResult:
+def _execute(cfg: Recipe, run_dir: Path, step: Step) -> StageResult:
+    """Runs one stage into `.work/.../out` and renames it into place, or skips it when complete."""
     from accelerate import PartialState
 
-    from alignloop.sft import stage as sft_stage
-
-    state = PartialState()
-    key = stage_key(cfg, stage, model_path)
-    final, work = run_dir / stage, run_dir / ".work" / stage
-    record = read_manifest(run_dir).get("stages", {}).get(stage, {})
-    if record.get("key") == key and record.get("status") == "complete" and final.is_dir():
-        logger.info("%s: complete in %s, skipped", stage, final)
-        return StageResult(stage, final, record.get("metrics", {}), skipped=True)
+    state, ctx = PartialState(), step.ctx
+    final = run_dir / ctx.label
+    record = read_manifest(run_dir).get("stages", {}).get(ctx.label, {})
+    if record.get("key") == step.key and record.get("status") == "complete" and final.is_dir():
+        logger.info("%s: complete in %s, skipped", ctx.label, final)
+        return StageResult(ctx.name, final, record.get("metrics", {}), skipped=True, round=ctx.round)
     if state.is_main_process:
-        _reset_work_dir(work, key)
+        _reset_work_dir(ctx.work_dir, step.key)
     state.wait_for_everyone()
+    attempts = _start_attempt(ctx.work_dir, state.is_main_process)
+    logger.info("%s: running (attempt %d)", ctx.label, len(attempts))
     started = time.time()
-    staging = work / "out"
-    metrics = {"sft": sft_stage.run}[stage](cfg, staging, work, base_model=model_path,
-                                            log_dir=run_dir / "logs" / stage)
+    staging = ctx.work_dir / "out"
+    metrics = _stage_function(ctx.name)(cfg, ctx, staging)
     if state.is_main_process:
         if final.exists():
             shutil.rmtree(final)  # an earlier result under another config
+        final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)
-        update_manifest(run_dir, stage, {"status": "complete", "key": key, "started": started,
-                                         "seconds": round(time.time() - started, 1),
-                                         "metrics": _summary(metrics)})
-        if not getattr(cfg, stage).keep_checkpoints:
-            shutil.rmtree(work, ignore_errors=True)
+        attempts[-1]["resumed_from"] = metrics.get("resumed_from")
+        update_manifest(run_dir, ctx.label, {
+            "status": "complete", "key": step.key, "stage": ctx.name, "round": ctx.round,
+            "policy": ctx.policy, "inputs": {k: [str(p) for p in v] for k, v in ctx.inputs.items()},
+            "consumes": step.consumes, "attempts": attempts, "started": started,
+            "seconds": round(time.time() - started, 1), "metrics": _summary(metrics)})
+        if not getattr(cfg, ctx.name, None) or not getattr(getattr(cfg, ctx.name), "keep_checkpoints", False):
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
     state.wait_for_everyone()
-    return StageResult(stage, final, metrics)
+    return StageResult(ctx.name, final, metrics, round=ctx.round)
+
+
+def _start_attempt(work_dir: Path, main: bool) -> list[dict]:
+    """Appends this attempt to `<work_dir>/attempts.json`: how often a stage started, and from what."""
+    path = work_dir / "attempts.json"
+    attempts = json.loads(path.read_text()) if path.is_file() else []
+    attempts.append({"started": time.time(), "checkpoints": sorted(
+        p.name for p in (work_dir / "checkpoints").glob("checkpoint-*"))})
+    if main:
+        write_atomic(path, json.dumps(attempts))
+    return attempts
 
 
 def _reset_work_dir(work: Path, key: str) -> None:
@@ -163,83 +389,13 @@ def _reset_work_dir(work: Path, key: str) -> None:
     stamp.write_text(key)
 
 
-def stage_key(cfg: Recipe, stage: str, model_path: str | None) -> str:
-    """Hash of what determines a stage's output: its config, starting model, data and code."""
-    section = getattr(cfg, stage)
-    parts = {
-        "stage": section.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
-        "start": model_path,
-        "seed": cfg.seed,
-        "precision": cfg.precision,
-        "bad_records": cfg.bad_records,
-        "data": [_fingerprint(src.path) for src in section.data + section.eval_data if src.path],
-        "alignloop": __version__,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def _summary(metrics: dict) -> dict:
-    keep = ("method", "train_loss", "steps", "train_seconds", "resumed_from")
-    out = {k: metrics[k] for k in keep if k in metrics}
+    """The small metrics kept in the manifest (the stage's metrics.json has everything)."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
     losses = metrics.get("losses") or []
     if losses:
         out["first_loss"], out["last_loss"] = losses[0], losses[-1]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _evaluate(cfg: Recipe, run_dir: Path, when: str, stage: StageResult | None) -> dict:
-    """Task accuracy of the starting model (`before`) or of `stage`'s model; on the main process."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    path = run_dir / "eval" / f"{when}.json"
-    key = hashlib.sha256(json.dumps([cfg.evaluation.model_dump(mode="json"),
-                                     cfg.model.model_dump(mode="json"), cfg.seed,
-                                     stage and read_manifest(run_dir)["stages"][stage.name]["key"]],
-                                    default=str).encode()).hexdigest()[:16]
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        state.wait_for_everyone()
-        return json.loads(path.read_text())
-    result = None
-    if state.is_main_process:
-        result = {"key": key, **_accuracy(cfg, stage)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(result, indent=2))
-        logger.info("held-out %s accuracy %s: %.1f%% (%d/%d)", cfg.evaluation.task, when,
-                    100 * result["accuracy"], result["correct"], result["total"])
-    state.wait_for_everyone()
-    return result if result is not None else json.loads(path.read_text())
-
-
-def _accuracy(cfg: Recipe, stage: StageResult | None) -> dict:
-    from alignloop.data.sources import load_sources
-    from alignloop.evaluation.task import task_accuracy
-    from alignloop.models.loading import load_for_inference, load_model, load_tokenizer, resolve_path
-
-    prompts = load_sources(cfg.evaluation.data, "prompt", cfg.bad_records, cfg.seed).records
-    if stage is None:
-        path = resolve_path(cfg.model)
-        model, tokenizer = load_model(cfg, path), load_tokenizer(cfg.model, path)
-    else:
-        model, tokenizer = load_for_inference(stage.model_dir)
-    model.eval()
-    return task_accuracy(model, tokenizer, cfg.evaluation, prompts, seed=cfg.seed)
 
 
 def _print_summary(result: RunResult) -> None:
@@ -248,18 +404,18 @@ def _print_summary(result: RunResult) -> None:
     if not PartialState().is_main_process:
         return
     lines = [f"run directory: {result.output_dir}"]
-    for name, stage in result.stages.items():
+    for label, stage in result.stages.items():
         m = stage.metrics
-        loss = f"loss {m.get('first_loss', (m.get('losses') or ['?'])[0])} -> " \
-               f"{m.get('last_loss', (m.get('losses') or ['?'])[-1])}"
-        lines.append(f"  {name}: {'already complete' if stage.skipped else 'done'}, {loss}, "
-                     f"model in {stage.model_dir}")
-    ev = result.evaluation
-    if ev:
-        task = next(iter(ev.values()))["task"]
-        parts = [f"{when} {100 * ev[when]['accuracy']:.1f}% ({ev[when]['correct']}/{ev[when]['total']})"
-                 for when in ("before", "after") if when in ev]
-        lines.append(f"  held-out {task} accuracy: " + " -> ".join(parts))
+        detail = f"loss {m['first_loss']} -> {m['last_loss']}" if "first_loss" in m else \
+            (f"loss {m['losses'][0]} -> {m['losses'][-1]}" if m.get("losses") else "")
+        lines.append(f"  {label}: {'already complete' if stage.skipped else 'done'}"
+                     + (f", {detail}" if detail else ""))
+    for when, ev in result.evaluation.items():
+        if when == "after":
+            continue
+        parts = [f"{name} {value:.3f}" for name, value in ev.get("summary", {}).items()
+                 if isinstance(value, (int, float))]
+        lines.append(f"  eval {when}: " + ", ".join(parts))
     print("\n".join(lines), flush=True)
 
 
@@ -272,11 +428,11 @@ def read_manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def update_manifest(run_dir: Path, stage: str, record: dict) -> None:
+def update_manifest(run_dir: Path, label: str, record: dict) -> None:
     manifest = read_manifest(run_dir)
     manifest.setdefault("alignloop", __version__)
     manifest["versions"] = {lib: _version(lib) for lib in LIBRARIES}
-    manifest.setdefault("stages", {})[stage] = record
+    manifest.setdefault("stages", {})[label] = record
     write_atomic(Path(run_dir) / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 

@@ -12,53 +12,95 @@ in full / LoRA / QLoRA form, resume from the last checkpoint, and the artifacts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
 from alignloop.config import Recipe, trainer_args
 from alignloop.data.masks import build_sft_dataset
-from alignloop.data.readers import write_jsonl
+from alignloop.data.readers import read_records, write_jsonl
 from alignloop.data.sources import format_report, load_sources
-from alignloop.models.loading import load_model, load_tokenizer, lora_config, resolve_path
+from alignloop.models.averaging import average_checkpoints
+from alignloop.models.loading import load_model, load_tokenizer, lora_config
+from alignloop.pipeline.context import StageContext
+from alignloop.pipeline.errors import StageError
 
 logger = logging.getLogger("alignloop.sft")
 
 
-def run(cfg: Recipe, out_dir: Path, work_dir: Path, *, base_model: str | None = None,
-        log_dir: Path | None = None) -> dict:
+def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     """Trains and writes the artifacts above into `out_dir`; returns the metrics.
 
-    `work_dir` keeps the trainer's checkpoints between attempts: a run killed mid-training
-    continues from the last one. `base_model` overrides `cfg.model.path` (a previous stage's model).
-    `log_dir` receives TensorBoard logs when `report_to` asks for them (default: work_dir/logs).
+    Starts from `ctx.policy` (or `ctx.base` with `sft.start: base`). Trains on `sft.data`, the
+    rejection-sampled best answers and synthetic examples named in `ctx.inputs`, and the safety
+    mix. `ctx.work_dir` keeps the trainer's checkpoints: a run killed mid-training continues from
+    the last one.
     """
-    # The checkpoints directory is removed when the stage completes; TensorBoard logs must not be.
-    if "TENSORBOARD_LOGGING_DIR" not in os.environ:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir or work_dir / "logs")
-        try:
-            return _run(cfg, out_dir, work_dir, base_model)
-        finally:
-            del os.environ["TENSORBOARD_LOGGING_DIR"]
-    return _run(cfg, out_dir, work_dir, base_model)
+    with tensorboard_logs(ctx.log_dir):
+        return _run(cfg, ctx, out_dir)
 
 
-def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> dict:
+@contextlib.contextmanager
+def tensorboard_logs(log_dir: Path):
+    """Points transformers' TensorBoard callback at `log_dir` (kept after the stage completes)."""
+    if "TENSORBOARD_LOGGING_DIR" in os.environ:  # set by the user: theirs wins
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
+    try:
+        yield
+    finally:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
+def training_records(cfg: Recipe, ctx: StageContext) -> tuple[list[dict], list[dict]]:
+    """The chat records this SFT trains on, shuffled, and one report entry per source.
+
+    `sft.data` is mixed with the recipe's seed (the same examples every round); the rounds'
+    best samples and synthetic examples come from `ctx.inputs`; safety examples are added so that
+    they make up `safety.sft_ratio` of the whole (reference A8).
+    """
+    loaded = load_sources(cfg.sft.data, "chat", cfg.bad_records, cfg.seed) if cfg.sft.data else None
+    records = list(loaded.records) if loaded else []
+    report = list(loaded.report) if loaded else []
+    for name in ("rs_best", "synthetic"):
+        for path in ctx.inputs.get(name, []):
+            rows = read_records(path, "chat").records
+            records += rows
+            report.append({"source": f"{name}:{path}", "read": len(rows), "skipped": 0,
+                           "reasons": [], "used": len(rows)})
+    if cfg.safety is not None:
+        from alignloop.safety.data import safety_mix
+
+        safety, safety_report = safety_mix(cfg, "chat", len(records), ctx.seed)
+        records += safety
+        report.append({"source": "safety", "read": len(safety), "skipped": 0, "reasons": [],
+                       "used": len(safety), **safety_report})
+    if not records:
+        raise StageError(f"{ctx.label}: no training examples (sft.data, rejection sampling and "
+                         "synthetic data are all empty)")
+    random.Random(ctx.seed).shuffle(records)
+    return records, report
+
+
+def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     start = time.time()
     state = PartialState()
-    path = base_model or resolve_path(cfg.model)
+    path = ctx.base if cfg.sft.start == "base" else ctx.policy
     tokenizer = load_tokenizer(cfg.model, path)
-    args = trainer_args(cfg, "sft", work_dir / "checkpoints")
+    args = trainer_args(cfg, "sft", ctx.work_dir / "checkpoints")
 
-    train = load_sources(cfg.sft.data, "chat", cfg.bad_records, cfg.seed)
-    logger.info("sft data:\n%s", format_report(train.report))
-    train_set, mask_stats = build_sft_dataset(train.records, tokenizer, args.max_length, cfg.sft.empty_mask)
+    records, report = training_records(cfg, ctx)
+    logger.info("sft data:\n%s", format_report(report))
+    train_set, mask_stats = build_sft_dataset(records, tokenizer, args.max_length, cfg.sft.empty_mask)
     eval_set = None
     if cfg.sft.eval_data:
         held_out = load_sources(cfg.sft.eval_data, "chat", cfg.bad_records, cfg.seed)
@@ -73,6 +115,7 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
     if last:
         logger.info("resuming sft from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
+    averaged = average_checkpoints(trainer, cfg.sft.average_checkpoints)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(out_dir / "model"))  # adapter only for LoRA; safetensors; main process
@@ -85,7 +128,8 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
         "steps": result.global_step,
         "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
         "train_seconds": round(time.time() - start, 1),
-        "data": train.report,
+        "data": report,
+        "averaged": averaged,
         "masks": vars(mask_stats),
     }
     if args.packing:
@@ -97,8 +141,8 @@ def _run(cfg: Recipe, out_dir: Path, work_dir: Path, base_model: str | None) -> 
         (out_dir / "model" / "training_args.bin").unlink(missing_ok=True)
         (out_dir / "model" / "training_args.json").write_text(args.to_json_string())
         tokenizer.save_pretrained(out_dir / "model")
-        write_jsonl(out_dir / "data.jsonl", train.records)
-        if cfg.sft.merge:
+        write_jsonl(out_dir / "data.jsonl", records)
+        if method != "full" and (cfg.sft.merge or ctx.merge):
             merge_adapter(cfg, out_dir / "model", path, out_dir / "merged")
             tokenizer.save_pretrained(out_dir / "merged")
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
