@@ -2,7 +2,7 @@
 
     alignloop run RECIPE [--set key=value ...] [--output-dir DIR]
     alignloop validate RECIPE [--set key=value ...]
-    alignloop stage NAME RECIPE [--set key=value ...] [--output-dir DIR]
+    alignloop stage NAME RECIPE [--round K] [--set key=value ...] [--output-dir DIR]
     alignloop generate --model DIR --prompts FILE --output FILE [--n K] [--max-new-tokens N]
                        [--temperature T] [--top-p P] [--batch-size B] [--seed S]
 
@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(commands.add_parser("run", help="run every stage of a recipe (resumes)"))
     recipe_args(commands.add_parser("validate", help="check a recipe without running it"), False)
     stage = commands.add_parser("stage", help="run one stage of a recipe")
-    stage.add_argument("name", help="the stage, e.g. sft")
+    stage.add_argument("name", help="the stage: reward, rejection_sampling, synth_data, sft or dpo")
     recipe_args(stage)
+    stage.add_argument("--round", type=int, default=None,
+                       help="which round's stage (default: the first round that has it); the "
+                            "stages before it that are not complete run first")
     gen = commands.add_parser("generate", help="chat completions for a JSONL of prompts")
     gen.add_argument("--model", required=True, help="a model or adapter directory")
     gen.add_argument("--prompts", required=True, help="JSONL of prompt records")
@@ -80,9 +83,10 @@ def _stage(args) -> int:
     from alignloop.pipeline.runner import run_stage
 
     try:
-        result = run_stage(args.name, args.recipe, args.overrides, output_dir=args.output_dir)
+        result = run_stage(args.name, args.recipe, args.overrides, output_dir=args.output_dir,
+                           round=args.round)
     except ValueError as err:
-        if "is not in this recipe" not in str(err):
+        if "is not in this recipe" not in str(err) and "does not run in round" not in str(err):
             raise
         print(f"alignloop: {err}", file=sys.stderr)
         return 2

@@ -93,10 +93,13 @@ class Recipe(_Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     bad_records: OnError = "raise"  # what to do with a data record that breaks its contract
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # Each round runs `stages` in order; round 0 is a single SFT on sft.data when `initial_sft`.
+    # Each round runs `stages` in order.
     stages: list[StageName] = Field(default_factory=lambda: ["sft"])
     rounds: int = Field(default=1, ge=1)
-    initial_sft: bool = False
+    # Round 0: one SFT from the base model before round 1 (a checkpoint that cannot answer yet
+    # gives rejection sampling nothing to select). true: the sft section as it is; a mapping: sft
+    # keys that replace the sft section's for round 0 only (its own data, epochs, ...).
+    initial_sft: bool | SFTStageConfig = False
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
@@ -116,6 +119,22 @@ class Recipe(_Strict):
             raise ValueError(f"stages run in the order {', '.join(STAGES)}; "
                              f"write them as [{', '.join(order)}]")
         return self
+
+    @property
+    def initial_sft_section(self) -> SFTStageConfig | None:
+        """Round 0's SFT section: `sft` with the keys of `initial_sft` replaced, or None."""
+        if self.initial_sft is False:
+            return None
+        if self.initial_sft is True:
+            return self.sft
+        return SFTStageConfig.model_validate({**self.sft.model_dump(exclude_unset=True),
+                                              **self.initial_sft.model_dump(exclude_unset=True)})
+
+    def for_round(self, rnd: int) -> "Recipe":
+        """The recipe as round `rnd`'s stages see it (round 0: the initial SFT section as `sft`)."""
+        if rnd != 0 or self.initial_sft is False or self.initial_sft is True:
+            return self
+        return self.model_copy(update={"sft": self.initial_sft_section})
 
     @property
     def all_stages(self) -> list[str]:
@@ -245,6 +264,8 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...
         problems += _check_trainer_options(cfg, where)
         if not problems:
             problems += [p for stage in _trained(cfg) for p in _construct(cfg, stage, where)]
+            if isinstance(cfg.initial_sft, SFTStageConfig) and not problems:
+                problems += _construct(cfg.for_round(0), "sft", where, "initial_sft")
     if problems:
         raise RecipeError(problems)
     return cfg
@@ -327,6 +348,9 @@ def _source_lists(cfg: Recipe) -> dict[str, list[SourceConfig]]:
              "synth_data.documents": cfg.synth_data.documents,
              "synth_data.prompts": cfg.synth_data.prompts,
              "dpo.data": cfg.dpo.data}
+    if isinstance(cfg.initial_sft, SFTStageConfig):
+        lists["initial_sft.data"] = cfg.initial_sft.data
+        lists["initial_sft.eval_data"] = cfg.initial_sft.eval_data
     if cfg.safety is not None:
         lists["safety.data"], lists["safety.eval_data"] = cfg.safety.data, cfg.safety.eval_data
     if cfg.evaluation is not None:
@@ -429,8 +453,10 @@ def _check_loop(cfg: Recipe, where: _Where) -> list[str]:
     if "sft" in cfg.all_stages and not cfg.sft.data and "rejection_sampling" not in stages \
             and "synth_data" not in stages:
         problems.append(where("sft.data", "the sft stage needs at least one data source"))
-    if cfg.initial_sft and not cfg.sft.data:
-        problems.append(where("initial_sft", "round 0's SFT trains on sft.data, which is empty"))
+    initial = cfg.initial_sft_section
+    if initial is not None and not initial.data:
+        key = "initial_sft.data" if isinstance(cfg.initial_sft, SFTStageConfig) else "initial_sft"
+        problems.append(where(key, "round 0's SFT has no data: set sft.data, or data under initial_sft"))
     if "reward" in stages and not cfg.reward.data and not (cfg.reward.round_pairs and cfg.rounds > 1
                                                               and "rejection_sampling" in stages):
         problems.append(where("reward.data", "the reward stage needs preference data: reward.data, "
@@ -588,8 +614,10 @@ def _trainer_fields(stage: str) -> set[str]:
 
 def _check_trainer_options(cfg: Recipe, where: _Where) -> list[str]:
     problems = []
-    for stage in TRAINING_STAGES:  # every section with options, run or not: a typo is a typo
-        section = getattr(cfg, stage)
+    sections = [(stage, stage, getattr(cfg, stage)) for stage in TRAINING_STAGES]
+    if isinstance(cfg.initial_sft, SFTStageConfig):
+        sections.append(("initial_sft", "sft", cfg.initial_sft))
+    for name, stage, section in sections:  # every section with options, run or not: a typo is a typo
         options = section.trainer_options
         if not options:
             continue
@@ -597,17 +625,17 @@ def _check_trainer_options(cfg: Recipe, where: _Where) -> list[str]:
         fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
         for key, value in options.items():
             if key in _MANAGED:
-                problems.append(where(f"{stage}.{key}", f"not settable here: {_MANAGED[key]}"))
+                problems.append(where(f"{name}.{key}", f"not settable here: {_MANAGED[key]}"))
             elif key not in fields:
                 ours = [k for k in type(section).model_fields]
                 hint = difflib.get_close_matches(key, [*fields, *ours], n=1)
-                problems.append(where(f"{stage}.{key}", "unknown key"
+                problems.append(where(f"{name}.{key}", "unknown key"
                                       + (f" (did you mean '{hint[0]}'?)" if hint else "")
                                       + f"; not an alignloop key nor a {config_cls.__name__} field"))
             else:
                 problem = _check_type(fields[key].type, value)
                 if problem:
-                    problems.append(where(f"{stage}.{key}", problem))
+                    problems.append(where(f"{name}.{key}", problem))
     return problems
 
 
@@ -621,13 +649,13 @@ def _check_type(annotation: Any, value: Any) -> str | None:
     return None
 
 
-def _construct(cfg: Recipe, stage: str, where: _Where) -> list[str]:
+def _construct(cfg: Recipe, stage: str, where: _Where, key: str | None = None) -> list[str]:
     import tempfile
 
     try:
         trainer_args(cfg, stage, Path(tempfile.gettempdir()) / "alignloop-validate")
     except Exception as err:  # TRL / transformers validation: its message is the useful part
-        return [where(stage, f"{trl_config_class(stage).__name__} rejected these options: {err}")]
+        return [where(key or stage, f"{trl_config_class(stage).__name__} rejected these options: {err}")]
     return []
 
 

@@ -94,6 +94,7 @@ class Step:
     ctx: StageContext
     key: str
     consumes: dict[str, str]  # what it reads -> the key of the stage (or model) that produced it
+    cfg: Recipe               # the recipe as this round sees it (Recipe.for_round)
 
 
 def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
@@ -108,7 +109,9 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
     rounds: dict[int, dict] = {}
     schedule = ([(0, ["sft"])] if cfg.initial_sft else []) + \
                [(k, list(cfg.stages)) for k in range(1, cfg.rounds + 1)]
+    whole = cfg
     for rnd, stages in schedule:
+        cfg = whole.for_round(rnd)
         reward_dir, reward_key = _external_reward_model(cfg)
         for position, name in enumerate(stages):
             start, start_key = (base, base_key) if name == "sft" and cfg.sft.start == "base" \
@@ -124,7 +127,7 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
                 reward_model=reward_dir if name != "reward" else None, inputs=inputs,
                 merge=_later_stage_starts_from(name, stages[position + 1:], rnd, schedule))
             key = stage_key(cfg, ctx, consumes)
-            steps.append(Step(ctx, key, consumes))
+            steps.append(Step(ctx, key, consumes, cfg))
             out = run_dir / ctx.label
             if name == "reward":
                 reward_dir, reward_key = out / "model", key
@@ -348,7 +351,7 @@ def _execute(cfg: Recipe, run_dir: Path, step: Step) -> StageResult:
     logger.info("%s: running (attempt %d)", ctx.label, len(attempts))
     started = time.time()
     staging = ctx.work_dir / "out"
-    metrics = _stage_function(ctx.name)(cfg, ctx, staging)
+    metrics = _stage_function(ctx.name)(step.cfg, ctx, staging)
     if state.is_main_process:
         if final.exists():
             shutil.rmtree(final)  # an earlier result under another config
