@@ -1,0 +1,95 @@
+"""The loop as one resumable command: rounds of stages, keys that chain, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignloop.config import load_recipe
+from alignloop.pipeline.runner import plan, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "alignloop.cli"]
+
+
+def loop_recipe(tmp_path, name="run", **extra):
+    """Round 0: SFT on arithmetic; rounds 1-2: rejection sampling from the policy (verifier
+    scoring), SFT on the best samples, DPO on best-vs-worst pairs; evaluation after each round."""
+    spec = {
+        "seed": 0,
+        "output_dir": str(tmp_path / name),
+        "model": {"tiny": {"initializer_range": 0.1}},
+        "rounds": 2,
+        "initial_sft": {"data": [{"builtin": "arithmetic", "count": 256}], "max_steps": 30,
+                        "learning_rate": 3e-3},
+        "stages": ["rejection_sampling", "sft", "dpo"],
+        "rejection_sampling": {"prompts": [{"builtin": "arithmetic", "count": 8}], "num_samples": 4,
+                               "temperatures": [1.0], "max_new_tokens": 40,
+                               "scoring": {"reward_model": 0, "verifiers": {"arithmetic": 1.0}}},
+        "sft": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                "logging_steps": 2, "save_steps": 4, "max_length": 96,
+                "activation_checkpointing": False, "disable_tqdm": True},
+        "dpo": {"data": [], "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-4,
+                "logging_steps": 2, "save_steps": 3, "max_length": 128,
+                "activation_checkpointing": False, "disable_tqdm": True},
+        "evaluation": {"task": "arithmetic", "max_new_tokens": 40,
+                       "data": [{"builtin": "arithmetic", "split": "heldout", "count": 16}]},
+    }
+    spec["initial_sft"].update({k: v for k, v in spec["sft"].items() if k not in spec["initial_sft"]})
+    spec.update(extra)
+    return spec
+
+
+def keys(spec, tmp_path, *overrides):
+    cfg = load_recipe(spec, list(overrides), check_trainer=False)
+    steps, _ = plan(cfg, Path(cfg.output_dir))
+    return {s.ctx.label: s.key for s in steps}, {s.ctx.label: s.ctx for s in steps}
+
+
+def test_plan_lays_out_rounds_and_inputs(tmp_path, alignloop_cache):
+    """Round 0 is the initial SFT; each round samples from the policy the previous round ended
+    with; SFT reads every round's best samples so far (rejection_sampled: all), DPO only the
+    newest round's pairs (Llama 3: the latest batches)."""
+    _, ctx = keys(loop_recipe(tmp_path), tmp_path)
+    run = tmp_path / "run"
+    assert list(ctx) == ["round_0/sft", "round_1/rejection_sampling", "round_1/sft", "round_1/dpo",
+                         "round_2/rejection_sampling", "round_2/sft", "round_2/dpo"]
+    assert ctx["round_1/rejection_sampling"].policy == str(run / "round_0/sft/model")
+    assert ctx["round_2/rejection_sampling"].policy == str(run / "round_1/dpo/model")
+    assert ctx["round_1/dpo"].policy == str(run / "round_1/sft/model")
+    assert ctx["round_2/sft"].inputs["rs_best"] == [run / "round_1/rejection_sampling/best.jsonl",
+                                                    run / "round_2/rejection_sampling/best.jsonl"]
+    assert ctx["round_2/dpo"].inputs["rs_pairs"] == [run / "round_2/rejection_sampling/pairs.jsonl"]
+    assert [ctx[label].seed for label in ("round_0/sft", "round_1/sft", "round_2/sft")] == [0, 1, 2]
+    # a LoRA stage whose model a later stage loads writes merged/; nothing loads the last one
+    assert ctx["round_1/dpo"].merge and not ctx["round_2/dpo"].merge
+
+
+def test_sft_start_base_and_newest_best_samples(tmp_path, alignloop_cache):
+    spec = loop_recipe(tmp_path)
+    spec["sft"].update(start="base", rejection_sampled="newest")
+    _, ctx = keys(spec, tmp_path)
+    base = ctx["round_0/sft"].base
+    assert ctx["round_0/sft"].policy == base and ctx["round_2/sft"].policy == base
+    assert ctx["round_2/sft"].inputs["rs_best"] == [tmp_path / "run/round_2/rejection_sampling/best.jsonl"]
+
+
+def test_a_changed_stage_changes_its_key_and_every_key_downstream(tmp_path, alignloop_cache):
+    """Keys chain through what a stage consumes: the policy, the reward model, the artifacts."""
+    spec = loop_recipe(tmp_path)
+    before, _ = keys(spec, tmp_path)
+    assert before == keys(spec, tmp_path)[0]  # deterministic
+    after, _ = keys(spec, tmp_path, "dpo.beta=0.2")
+    changed = {label for label in before if before[label] != after[label]}
+    assert changed == {"round_1/dpo", "round_2/rejection_sampling", "round_2/sft", "round_2/dpo"}
+    after, _ = keys(spec, tmp_path, "rejection_sampling.num_samples=6")
+    changed = {label for label in before if before[label] != after[label]}
+    assert changed == set(before) - {"round_0/sft"}
+    after, _ = keys(spec, tmp_path, "evaluation.max_new_tokens=20")
+    assert after == before  # evaluation settings do not retrain anything
