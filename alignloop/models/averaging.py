@@ -30,8 +30,6 @@ def average_checkpoints(trainer, n: int | None) -> dict | None:
     """
     if not n:
         return None
-    from safetensors.torch import load_file
-
     peft = hasattr(trainer.model, "peft_config")
     current = _trained_state(trainer.model, peft)  # name -> tensor (the final weights)
     final_step = trainer.state.global_step
@@ -40,18 +38,35 @@ def average_checkpoints(trainer, n: int | None) -> dict | None:
     if not saved:
         logger.warning("average_checkpoints: no earlier checkpoint to average with; kept the final weights")
         return {"averaged": [final_step]}
+    if len(saved) < n - 1:
+        logger.warning("average_checkpoints: asked for %d checkpoints, found only %d (the final "
+                       "weights included); averaging those", n, len(saved) + 1)
     total = {k: v.detach().float().clone() for k, v in current.items()}
     for ckpt in saved:
-        state = load_file(str(ckpt / ("adapter_model.safetensors" if peft else "model.safetensors")))
+        state = _load_saved(ckpt, peft)
         for name in total:
             key = _saved_key(name, state)
-            total[name] += state[key].float()
+            total[name] += state[key].to(total[name].device, torch.float32)  # disk -> model's device
     count = len(saved) + 1
     averaged = {k: (v / count).to(current[k].dtype) for k, v in total.items()}
     _load_trained_state(trainer.model, averaged, peft)
     steps = [_step(p) for p in saved] + [final_step]
     logger.info("averaged the weights of steps %s", steps)
     return {"averaged": steps}
+
+
+def _load_saved(ckpt: Path, peft: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's trained weights: the adapter file, or every shard of the model
+    (`model.safetensors`, or `model-0000k-of-0000n.safetensors` for large models)."""
+    from safetensors.torch import load_file
+
+    files = [ckpt / "adapter_model.safetensors"] if peft else sorted(ckpt.glob("model*.safetensors"))
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"average_checkpoints: no safetensors weights in {ckpt}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
 
 
 def _trained_state(model, peft: bool) -> dict[str, torch.Tensor]:

@@ -29,10 +29,13 @@ def resolve_verifier(name: str) -> Verifier:
     if not sep:
         raise ValueError(f"unknown verifier {name!r} (known: {', '.join(sorted(VERIFIERS))}; "
                          "or package.module:function)")
+    if not module_name or not attr:
+        raise ValueError(f"verifier {name!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"verifier {name!r}: cannot import {module_name} ({err})") from None
+    except Exception as err:  # not found, or the module itself fails (a SyntaxError, ...)
+        raise ValueError(f"verifier {name!r}: cannot import {module_name} "
+                         f"({type(err).__name__}: {err})") from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise ValueError(f"verifier {name!r}: {module_name} has no function {attr!r}")
