@@ -1,18 +1,26 @@
-"""The `rejection_sampling` recipe section (reference A3)."""
+"""The `rejection_sampling` recipe section (reference A3). Light imports only."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignloop.data.source_config import SourceConfig
 from alignloop.options import ScoringConfig, Strict
 
 
 class RejectionSamplingConfig(Strict):
+    """K samples per prompt from the policy, scored, the best kept (docs/rejection_sampling.md).
+
+    The K samples are spread evenly over every (system prompt, temperature) group, system prompts
+    outer: with K = 10 and 3 groups they get 4, 3 and 3 samples (`group_sizes`).
+    """
+
     prompts: list[SourceConfig] = Field(default_factory=list)  # prompt records (an `answer` feeds verifiers)
     num_samples: int = Field(default=10, ge=1)  # K per prompt (10-30 in Llama 3)
-    # The K samples are spread evenly over every (system prompt, temperature) combination.
     temperatures: list[float] = Field(default_factory=lambda: [0.8], min_length=1)
+    # None samples the prompt as it is; a text is a system message that steers tone, style or
+    # format (Llama 3, later rounds). A prompt with its own system message gets the steering
+    # text appended to it, after a blank line.
     system_prompts: list[str | None] = Field(default_factory=lambda: [None], min_length=1)
     max_new_tokens: int = Field(default=256, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -23,3 +31,25 @@ class RejectionSamplingConfig(Strict):
     # by more than `min_gap`.
     pairs: bool = True
     min_gap: float = Field(default=0.0, ge=0)
+    # A prompt whose best score is below this keeps nothing (no best, no pair). None: no floor.
+    min_score: float | None = None
+    # A sample cut off at max_new_tokens (finish_reason "length") is not a whole answer: it is
+    # never kept as the best (nor as `chosen`) unless this is true. It may still be `rejected`.
+    keep_truncated: bool = False
+
+    @model_validator(mode="after")
+    def _temperatures(self) -> "RejectionSamplingConfig":
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError("temperatures must be >= 0 (0 is greedy decoding)")
+        sizes = group_sizes(self.num_samples, len(self.temperatures) * len(self.system_prompts))
+        greedy = [n for g, n in enumerate(sizes) if self.temperatures[g % len(self.temperatures)] == 0]
+        if any(n > 1 for n in greedy):
+            raise ValueError("temperature 0 (greedy) gives the same answer every time, but its "
+                             f"group would get {max(greedy)} samples; use temperatures > 0")
+        return self
+
+
+def group_sizes(num_samples: int, groups: int) -> list[int]:
+    """Samples per group: K // groups each, the remainder going to the first groups."""
+    base, extra = divmod(num_samples, groups)
+    return [base + (g < extra) for g in range(groups)]
