@@ -482,6 +482,11 @@ def _check_loop(cfg: Recipe, where: _Where) -> list[str]:
                                                                 "the reward model a weight or name a verifier"))
     if "synth_data" in stages and not (cfg.synth_data.documents or cfg.synth_data.prompts):
         problems.append(where("synth_data", "synthetic data needs seed documents or prompts"))
+    if "synth_data" in stages and cfg.synth_data.scoring.reward_model > 0 \
+            and "reward" not in stages and rs.reward_model is None:
+        problems.append(where("synth_data.scoring.reward_model",
+                              "scoring with a reward model needs a reward stage in the round or "
+                              "rejection_sampling.reward_model; or set its weight to 0"))
     if "dpo" in stages and not dpo.data and not ("rejection_sampling" in stages and rs.pairs) \
             and not (cfg.safety and cfg.safety.dpo_ratio > 0 and cfg.safety.data):
         problems.append(where("dpo.data", "the dpo stage needs preference pairs: dpo.data, or "

@@ -6,6 +6,7 @@
 | prompt     | {"prompt_id", "prompt": [messages ending with user], "answer"?}            |
 | preference | {"prompt_id", "prompt": [...], "chosen": [assistant msgs], "rejected": [...]} |
 | ranking    | {"prompt_id", "prompt": [...], "responses": [[assistant msgs], ...]}  best first |
+| document   | {"id", "text", "title"?}  (a seed document for synthetic data)              |
 
 Inputs follow TRL's conversational formats (explicit prompt for preferences); see
 docs/data-formats.md. `validate_record` raises `FieldError(field, reason)` with a dotted field
@@ -23,7 +24,7 @@ from typing import Any
 
 from alignloop.data.errors import FieldError
 
-KINDS = ("chat", "prompt", "preference", "ranking")
+KINDS = ("chat", "prompt", "preference", "ranking", "document")
 ROLES = ("system", "user", "assistant")
 
 _SHAPES = {
@@ -32,13 +33,14 @@ _SHAPES = {
     "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
     "ranking": '{"prompt": ..., "responses": [best, ..., worst]} '
                'or {"prompt": ..., "edited": ..., "chosen": ..., "rejected": ...}',
+    "document": '{"id"?: "doc-1", "text": "...", "title"?: "..."}',
 }
 
 
 def check_kind(kind: str) -> None:
     """Raises ValueError unless `kind` is one of KINDS."""
     if kind not in KINDS:
-        raise ValueError(f"unknown record kind {kind!r} (expected chat, prompt, preference or ranking)")
+        raise ValueError(f"unknown record kind {kind!r} (expected {', '.join(KINDS)})")
 
 
 def validate_record(obj: Any, kind: str) -> dict:
@@ -142,8 +144,17 @@ def _ranked(obj: dict) -> list[tuple[str, Any]]:
     return [(f"responses.{i}", response) for i, response in enumerate(value)]
 
 
+def _document(obj: dict) -> dict:
+    text = _string(_present(obj, "text", "document"), "text")
+    if not text.strip():
+        raise FieldError("text", "empty document")
+    if obj.get("title") is not None:
+        _string(obj["title"], "title")
+    return {"id": _id(obj, "id", text), "text": text, **_kept(obj, ("title", "metadata"))}
+
+
 _VALIDATORS = {"chat": _chat, "prompt": _prompt_record, "preference": _preference,
-               "ranking": _ranking}
+               "ranking": _ranking, "document": _document}
 
 
 # ---- messages ---------------------------------------------------------------------------------
