@@ -694,6 +694,7 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
         # Labels are built by alignloop (assistant tokens only), so TRL sees a tokenized dataset.
         options.setdefault("max_length", 1024)
     if stage == "dpo":
+        options.setdefault("learning_rate", 1e-5)  # Llama 3 (reference A5); TRL's default is 1e-6
         options.update(_dpo_options(section, options))
     return trl_config_class(stage)(**options)
 

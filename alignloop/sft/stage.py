@@ -74,7 +74,7 @@ def training_records(cfg: Recipe, ctx: StageContext) -> tuple[list[dict], list[d
             report.append({"source": f"{name}:{path}", "read": len(rows), "skipped": 0,
                            "reasons": [], "used": len(rows)})
     if cfg.safety is not None:
-        from alignloop.safety.data import safety_mix
+        from alignloop.safety.mixing import safety_mix
 
         safety, safety_report = safety_mix(cfg, "chat", len(records), ctx.seed)
         records += safety
