@@ -5,7 +5,7 @@ import re
 import pytest
 
 from alignloop.data.tasks import BUILTIN, VERIFIERS
-from alignloop.data.tasks.arithmetic import check, extract_answer, problems, records
+from alignloop.data.tasks.arithmetic import _key, check, extract_answer, problems, records
 
 
 def problem_of(question):
@@ -41,9 +41,20 @@ def test_deterministic_per_seed():
     assert len(set(ids)) == len(ids)
 
 
-def test_no_preference_data():
-    with pytest.raises(ValueError, match="no preference data"):
-        records("preference")
+def test_preference_pairs_reject_a_wrong_worked_answer():
+    """chosen is the worked answer (its last number is the result); rejected always ends in a
+    different number: a dropped carry (e.g. 58 + 67: 5+6=1, 8+7=5 -> 15) or the other operation."""
+    pairs = records("preference", "train", 200, seed=1)
+    for pair in pairs:
+        a, op, b = next((a, op, b) for a, op, b, _ in problems("train", 200, 1)
+                        if f"arith-{_key(a, op, b)[:12]}" in pair["prompt_id"])
+        result = a + b if op == "+" else a - b
+        assert extract_answer(pair["chosen"]) == result and extract_answer(pair["rejected"]) != result
+    from alignloop.data.tasks.arithmetic import slip
+    assert slip(58, "+", 67, 0) == "8+7=5, 5+6=1, so the answer is 15."
+    assert records("ranking", "train", 5, seed=1) == pairs[:5]  # read as rankings by reward and dpo
+    with pytest.raises(ValueError, match="not 'document'"):
+        records("document")
 
 
 @pytest.mark.parametrize("text, value", [("The answer is 519.", 519), ("-12", -12), ("it is 1,024.", 1024),

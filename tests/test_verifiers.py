@@ -24,8 +24,8 @@ def test_arithmetic_verifier(response, expected):
     assert resolve_verifier("arithmetic")(RECORD, response) == expected
 
 
-def test_arithmetic_verifier_without_an_answer_scores_zero():
-    assert resolve_verifier("arithmetic")({"prompt": RECORD["prompt"]}, "519") == 0.0
+def test_arithmetic_verifier_does_not_apply_without_an_answer():
+    assert resolve_verifier("arithmetic")({"prompt": RECORD["prompt"]}, "519") is None
 
 
 @pytest.fixture()
@@ -121,3 +121,23 @@ def test_scoring_errors_name_the_verifier_and_record(user_module):
         score_responses([RECORD], ["519"], says_yes)
     with pytest.raises(ValueError, match="2 records but 1 responses"):
         score_responses([RECORD, RECORD], ["519"], says_yes)
+
+
+def test_a_verifier_that_does_not_apply_is_left_out_of_the_total():
+    """A mixed prompt set: the arithmetic check returns None for a prompt without an answer, so
+    that prompt's total is the other verifier's alone (weight 2 x 1.0 = 2.0), not 2.0 + 0."""
+    from alignloop.options import ScoringConfig
+    from alignloop.reward.scoring import score_responses
+
+    records = [{"prompt_id": "math", "prompt": [{"role": "user", "content": "What is 2 plus 2?"}],
+                "answer": 4},
+               {"prompt_id": "chat", "prompt": [{"role": "user", "content": "Say hi."}]}]
+    scoring = ScoringConfig(reward_model=0, verifiers={"arithmetic": 1.0, "tests.test_verifiers:always_one": 2.0})
+    scores = score_responses(records, ["so the answer is 4.", "Hi!"], scoring)
+    assert scores[0]["verifiers"] == {"arithmetic": 1.0, "tests.test_verifiers:always_one": 1.0}
+    assert scores[1]["verifiers"]["arithmetic"] is None
+    assert [s["total"] for s in scores] == [3.0, 2.0]
+
+
+def always_one(record, response):
+    return 1.0

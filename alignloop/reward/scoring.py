@@ -163,8 +163,9 @@ def score_responses(records: list[dict], responses: list[str], scoring,
     """Scores each response to its prompt record with the reward model and the verifiers.
 
     `scoring` is a ScoringConfig: total = reward_model weight x reward + sum of verifier weight x
-    verifier score. A reward-model weight > 0 needs `reward_scorer`. A verifier that raises or
-    returns something other than a number is a ValueError naming the verifier and the record.
+    verifier score (verifiers that return None for a prompt do not count). A reward-model weight
+    > 0 needs `reward_scorer`. A verifier that raises or returns something other than a number or
+    None is a ValueError naming the verifier and the record.
     """
     from alignloop.reward.verifiers import resolve_verifier
 
@@ -178,19 +179,25 @@ def score_responses(records: list[dict], responses: list[str], scoring,
     out = []
     for record, response, reward in zip(records, responses, rewards):
         checks = {name: _check(name, fn, record, response) for name, fn in verifiers.items()}
-        total = sum(scoring.verifiers[name] * value for name, value in checks.items())
+        total = sum(scoring.verifiers[name] * value for name, value in checks.items()
+                    if value is not None)
         if reward is not None:
             total += scoring.reward_model * reward
         out.append({"reward_model": reward, "verifiers": checks, "total": total})
     return out
 
 
-def _check(name: str, fn, record: dict, response: str) -> float:
+def _check(name: str, fn, record: dict, response: str) -> float | None:
+    """The verifier's score, or None when it does not apply to this prompt (e.g. the arithmetic
+    check on a prompt without an answer): a mixed prompt set is scored by whichever applies."""
     where = f"verifier {name!r} on prompt_id {record.get('prompt_id')!r}"
     try:
         value = fn(record, response)
     except Exception as err:  # a user's verifier: say which one and on what, then its error
         raise ValueError(f"{where} failed: {type(err).__name__}: {err}") from err
+    if value is None:
+        return None
     if not isinstance(value, numbers.Real):  # bools and numpy floats are fine
-        raise ValueError(f"{where} returned {value!r}; a verifier returns a number in [0, 1]")
+        raise ValueError(f"{where} returned {value!r}; a verifier returns a number in [0, 1] "
+                         "or None when it does not apply")
     return float(value)

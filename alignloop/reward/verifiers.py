@@ -1,7 +1,8 @@
 """Verifiers: programmatic checks that score a response in [0, 1], beside the learned reward model.
 
-A verifier is `verify(record, response) -> float`, where `record` is a normalised prompt record
-(`prompt`, optional `answer` and `metadata`). Recipes name them in `scoring.verifiers` (weights) and
+A verifier is `verify(record, response) -> float | None`, where `record` is a normalised prompt
+record (`prompt`, optional `answer` and `metadata`); None means the check does not apply to that
+prompt (the arithmetic check on a safety prompt), so mixed prompt sets can be scored together. Recipes name them in `scoring.verifiers` (weights) and
 in `evaluation.task`: a built-in name below, or `package.module:function` for a user's own.
 Built-ins are listed as import paths so that this registry imports nothing heavy.
 """

@@ -93,10 +93,40 @@ def problems(split: str, count: int, seed: int) -> list[tuple[int, str, int, int
     return out
 
 
+def slip(a: int, op: str, b: int, variant: int) -> str:
+    """A worked answer with a typical mistake, for preference pairs (always a wrong result):
+    variant 0 forgets every carry / borrow; variant 1 works the other operation; a problem
+    without carries falls back to variant 1."""
+    if variant == 0:
+        wrong = _no_carry(a, op, b)
+        if wrong != (a + b if op == "+" else a - b):
+            return f"{_no_carry_steps(a, op, b)}, so the answer is {wrong}."
+    other = "-" if op == "+" else "+"
+    big, small = max(a, b), min(a, b)
+    return work(big, other, small) if other == "-" else work(a, other, b)
+
+
+def _digits(a: int, b: int) -> list[tuple[int, int]]:
+    width = max(len(str(a)), len(str(b)))
+    return list(zip(map(int, str(a).zfill(width)[::-1]), map(int, str(b).zfill(width)[::-1])))
+
+
+def _no_carry(a: int, op: str, b: int) -> int:
+    """The result when each column is done alone and its carry or borrow is dropped."""
+    cols = [(x + y) % 10 if op == "+" else (x - y) % 10 for x, y in _digits(a, b)]
+    return int("".join(map(str, reversed(cols))))
+
+
+def _no_carry_steps(a: int, op: str, b: int) -> str:
+    return ", ".join(f"{x}{op}{y}={(x + y) % 10 if op == '+' else (x - y) % 10}"
+                     for x, y in _digits(a, b))
+
+
 def records(kind: str = "chat", split: str = "train", count: int | None = None, seed: int = 0) -> list[dict]:
-    """Chat records ({"id", "messages"}) or prompt records ({"prompt_id", "prompt", "answer"})."""
-    if kind not in ("chat", "prompt"):
-        raise ValueError("the arithmetic task has no preference data (kinds: chat, prompt)")
+    """Chat records ({"id", "messages"}), prompt records ({"prompt_id", "prompt", "answer"}) or
+    preference records (chosen: the worked answer; rejected: one with a typical slip)."""
+    if kind not in ("chat", "prompt", "preference", "ranking"):
+        raise ValueError(f"the arithmetic task has chat, prompt and preference records, not {kind!r}")
     out = []
     for a, op, b, template in problems(split, count or SIZES[split], seed):
         c = a + b if op == "+" else a - b
@@ -104,6 +134,9 @@ def records(kind: str = "chat", split: str = "train", count: int | None = None, 
         rid = f"arith-{_key(a, op, b)[:12]}-{template}"
         if kind == "prompt":
             out.append({"prompt_id": rid, "prompt": [{"role": "user", "content": question}], "answer": c})
+        elif kind in ("preference", "ranking"):  # a pair is a two-response ranking
+            out.append({"prompt_id": rid, "prompt": [{"role": "user", "content": question}],
+                        "chosen": work(a, op, b), "rejected": slip(a, op, b, template % 2)})
         else:
             out.append({"id": rid, "messages": [{"role": "user", "content": question},
                                                  {"role": "assistant", "content": work(a, op, b)}]})
@@ -132,6 +165,9 @@ def check(response: str, answer) -> bool:
         return False
 
 
-def verify(record: dict, response: str) -> float:
-    """The `arithmetic` verifier: 1.0 when the response's last number is the record's answer."""
-    return float(check(response, record.get("answer")))
+def verify(record: dict, response: str) -> float | None:
+    """The `arithmetic` verifier: 1.0 when the response's last number is the record's answer;
+    None for a prompt without an answer (the check does not apply to it)."""
+    if record.get("answer") is None:
+        return None
+    return float(check(response, record["answer"]))
