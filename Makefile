@@ -28,7 +28,7 @@ $(VLLM_BIN)/alignloop: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet "$(TORCH)"
 	$(VLLM_BIN)/python -m pip install --quiet "$(VLLM)" "$(TORCH)"
-	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 

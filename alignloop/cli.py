@@ -5,6 +5,8 @@
     alignloop stage NAME RECIPE [--round K] [--set key=value ...] [--output-dir DIR]
     alignloop generate --model DIR --prompts FILE --output FILE [--n K] [--max-new-tokens N]
                        [--temperature T] [--top-p P] [--batch-size B] [--seed S]
+                       [--backend hf|vllm|vllm_server] [--server-python PY | --server-url URL]
+                       [--dtype D] [--generation KEY=VALUE ...]
 
 Problems with the input (a recipe, a data file) print one line each to stderr and exit with 2.
 """
@@ -45,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--backend", choices=["hf", "vllm", "vllm_server"], default="hf",
+                     help="transformers, vLLM in this process, or a vLLM server (docs/generation.md)")
+    gen.add_argument("--server-python", help="vllm_server: a Python with vLLM, to start the server with")
+    gen.add_argument("--server-url", help="vllm_server: a server that is already up")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--generation", dest="generation_options", action="append", default=[],
+                     metavar="KEY=VALUE", help="a key of the recipe's generation section, e.g. "
+                                               "--generation max_model_len=2048 (repeatable)")
     return parser
 
 
@@ -95,21 +105,39 @@ def _stage(args) -> int:
 
 
 def _generate(args) -> int:
+    from pydantic import ValidationError
+
     from alignloop.data.readers import read_records, write_jsonl
-    from alignloop.generation import SamplingSettings, completion_rows, generate
-    from alignloop.models.loading import load_for_inference
+    from alignloop.generation.backends import open_generator
+    from alignloop.generation.common import check_settings
+    from alignloop.generation.config import GenerationConfig
+    from alignloop.generation.hf import SamplingSettings, completion_rows
 
     prompts = read_records(args.prompts, "prompt").records
-    model, tokenizer = load_for_inference(args.model)
+    options = dict(item.split("=", 1) for item in args.generation_options if "=" in item)
+    if len(options) != len(args.generation_options):
+        print("alignloop: --generation takes KEY=VALUE, e.g. --generation max_model_len=2048",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = GenerationConfig(backend=args.backend, batch_size=args.batch_size,
+                               server_python=args.server_python, server_url=args.server_url, **options)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        print(f"alignloop: --generation {'.'.join(map(str, problem['loc']))}: {problem['msg']}",
+              file=sys.stderr)
+        return 2
     settings = SamplingSettings(n=args.n, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
-        completions = generate(model, tokenizer, [p["prompt"] for p in prompts], settings,
-                               batch_size=args.batch_size)
+        check_settings(settings)  # before an engine starts
     except ValueError as err:
         print(f"alignloop: {err}", file=sys.stderr)
         return 2
-    write_jsonl(args.output, completion_rows(prompts, completions, settings, str(args.model)))
+    with open_generator(cfg, args.model, dtype=args.dtype) as gen:
+        samples = gen.generate([p["prompt"] for p in prompts], settings)
+        producer = gen.describe()
+    write_jsonl(args.output, completion_rows(prompts, samples, settings, producer))
     print(f"wrote {len(prompts) * args.n} completions for {len(prompts)} prompts to {args.output}")
     return 0
 

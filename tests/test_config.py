@@ -216,7 +216,7 @@ def test_gradient_checkpointing_is_an_alias(tmp_path):
 def test_unknown_builtin_dataset(tmp_path):
     path = write(tmp_path, "sft:\n  data:\n    - builtin: arithmetics\n")
     assert problems(path, check_trainer=False) == [
-        f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic)"]
+        f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic, safety)"]
 
 
 def test_trainer_option_at_top_level_points_to_the_stage(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.config import load_recipe, trainer_args
+from alignloop.config import TRAINING_STAGES, load_recipe, trainer_args
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NOT_RECIPES = {"accelerate", "data"}  # accelerate launch configs and example data
@@ -24,9 +24,10 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", recipe_files(), ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_validates(path, tmp_path):
     cfg = load_recipe(path, ["model.path=builtin:tiny"])
-    for stage in cfg.stages:
-        args = trainer_args(cfg, stage, tmp_path)
-        assert args.output_dir == str(tmp_path)
+    for rnd in ([0] if cfg.initial_sft else []) + [1]:
+        for stage in [s for s in cfg.for_round(rnd).all_stages if s in TRAINING_STAGES]:
+            args = trainer_args(cfg.for_round(rnd), stage, tmp_path)
+            assert args.output_dir == str(tmp_path)
 
 
 def test_real_recipes_name_real_checkpoints():

@@ -73,10 +73,11 @@ def _evaluate(cfg: Recipe, run_dir: Path, label: str, policy, reward, previous, 
     from alignloop.generation.backends import open_generator
     from alignloop.generation.hf import SamplingSettings
     from alignloop.models.loading import resolve_path
+    from alignloop.safety.mixing import read_safety
 
     ev = cfg.evaluation
     task = load_sources(ev.data, "prompt", cfg.bad_records, cfg.seed).records if ev.task else []
-    safety = (load_sources(cfg.safety.eval_data, "prompt", cfg.bad_records, cfg.seed).records
+    safety = (read_safety(cfg.safety.eval_data, "prompt", cfg.bad_records, cfg.seed)[0]
               if ev.safety else [])
     records = [("task", r) for r in task] + [("safety", r) for r in safety]
     path = policy["path"] if policy else resolve_path(cfg.model)

@@ -1,28 +1,27 @@
-"""Batch chat generation with transformers' `generate` (vLLM arrives with rejection sampling).
+"""Batch chat generation with transformers' `generate` (the `hf` backend of backends.py).
 
 Prompts are chat message lists; each is rendered with the tokenizer's chat template plus the
-assistant header, left-padded into batches, and sampled `n` times. Rows written to disk carry
+assistant header, left-padded into batches, and sampled `n` times. Each sample keeps its token
+ids and the model's own log-prob of each (raw logits, before temperature and top-p: what vLLM
+reports too, so that alignloop.generation.logprobs can compare them). Rows written to disk carry
 `prompt_id`, `sample_id` and the settings that produced them, never a row position.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
 
+from alignloop.generation.common import (SamplingSettings, check_settings, cut_at_stop, render,
+                                         stop_token_ids)
+from alignloop.generation.logprobs import token_logprobs
+
 logger = logging.getLogger("alignloop.generation")
 
-
-@dataclass
-class SamplingSettings:
-    n: int = 1
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+__all__ = ["SamplingSettings", "generate", "generate_samples", "completion_rows"]
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], settings: SamplingSettings,
@@ -38,38 +37,30 @@ def generate_samples(model, tokenizer, prompts: list[list[dict]], settings: Samp
     """For each prompt, `settings.n` Samples (text, token ids, per-token log-probs, finish reason)."""
     from alignloop.generation.backends import Sample
 
-    if settings.n > 1 and settings.temperature == 0:
-        raise ValueError("n > 1 samples with temperature 0 would repeat the same greedy answer; "
-                         "set a temperature > 0")
+    check_settings(settings)
     torch.manual_seed(settings.seed)
     device = next(model.parameters()).device
-    eos = _stop_tokens(model, tokenizer)
-    out: list[list[str]] = []
+    stops = _stop_tokens(model, tokenizer)
+    out: list[list[Sample]] = []
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        ids = [tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
-                                             return_dict=True)["input_ids"] for p in batch]
-        input_ids, attention = _left_pad(ids, tokenizer.pad_token_id)
+        batch = render(tokenizer, prompts[start:start + batch_size])
+        input_ids, attention = _left_pad(batch, tokenizer.pad_token_id)
         sampled = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device),
             max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
             temperature=settings.temperature if settings.temperature > 0 else None,
             top_p=settings.top_p if settings.temperature > 0 else None,
-            num_return_sequences=settings.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-            output_logits=True, return_dict_in_generate=True)
-        # log-probs of the model itself (before temperature / top-p), per sampled token
-        logits = torch.stack(sampled.logits, dim=1)  # (B*n, T, V)
-        completion = sampled.sequences[:, input_ids.shape[1]:]  # (B*n, T)
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
-        group = []
-        for row in range(completion.shape[0]):
-            ids = completion[row].tolist()
-            stop = next((i for i, t in enumerate(ids) if t in eos), None)
-            end = len(ids) if stop is None else stop + 1
-            group.append(Sample(text=tokenizer.decode(ids[:end], skip_special_tokens=True),
-                                token_ids=ids[:end], logprobs=logprobs[row, :end].tolist(),
-                                finish_reason="length" if stop is None else "stop"))
+            num_return_sequences=settings.n, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        completions = [cut_at_stop(row, stops) for row in sampled[:, input_ids.shape[1]:].tolist()]
+        # A second forward pass gives the model's raw log-prob of each sampled token (what vLLM
+        # reports); generate's output_logits would hold (B*n, T, vocab) floats at once.
+        logprobs = token_logprobs(model, [ids for ids in batch for _ in range(settings.n)],
+                                  [ids for ids, _ in completions], pad_id=tokenizer.pad_token_id,
+                                  batch_size=batch_size)
+        group = [Sample(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                        logprobs=lp, finish_reason=reason)
+                 for (ids, reason), lp in zip(completions, logprobs)]
         out += [group[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
         bar.update(len(batch))
     bar.close()
@@ -87,24 +78,24 @@ def _left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _stop_tokens(model, tokenizer) -> list[int]:
-    """End of turn and end of text: a chat answer stops at whichever comes first."""
-    stops = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    stops.update(configured if isinstance(configured, list) else [configured])
-    for token in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            stops.add(token_id)
-    return sorted(t for t in stops if t is not None)
+    return stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
 
 
-def completion_rows(prompt_records: list[dict], completions: list[list[str]],
-                    settings: SamplingSettings, generator: str) -> list[dict]:
-    """JSONL rows: one per sample, keyed by prompt_id and sample_id, with what produced it."""
+def completion_rows(prompt_records: list[dict], completions: list[list], settings: SamplingSettings,
+                    generator: str | dict) -> list[dict]:
+    """JSONL rows: one per sample, keyed by prompt_id and sample_id, with what produced it.
+
+    `completions`: per prompt, texts or Samples (these add `finish_reason`); `generator`: the
+    model's name, or a generator's `describe()`.
+    """
+    producer = generator if isinstance(generator, dict) else {"model": generator}
     rows = []
     for record, samples in zip(prompt_records, completions):
-        for k, text in enumerate(samples):
-            rows.append({"prompt_id": record["prompt_id"], "sample_id": f"{record['prompt_id']}:{k}",
-                         "prompt": record["prompt"], "completion": text,
-                         "generator": {"model": generator, **asdict(settings)}})
+        for k, sample in enumerate(samples):
+            row = {"prompt_id": record["prompt_id"], "sample_id": f"{record['prompt_id']}:{k}",
+                   "prompt": record["prompt"], "completion": getattr(sample, "text", sample),
+                   "generator": {**producer, **asdict(settings)}}
+            if hasattr(sample, "finish_reason"):
+                row["finish_reason"] = sample.finish_reason
+            rows.append(row)
     return rows
