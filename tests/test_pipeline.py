@@ -93,3 +93,71 @@ def test_a_changed_stage_changes_its_key_and_every_key_downstream(tmp_path, alig
     assert changed == set(before) - {"round_0/sft"}
     after, _ = keys(spec, tmp_path, "evaluation.max_new_tokens=20")
     assert after == before  # evaluation settings do not retrain anything
+
+
+def small_loop(tmp_path, name):
+    """Round 0 SFT, then one round of every training kind: reward -> rejection sampling
+    (RM + verifier) -> SFT with checkpoints every 4 steps -> DPO; evaluation after each round."""
+    spec = loop_recipe(tmp_path, name, rounds=1, stages=["reward", "rejection_sampling", "sft", "dpo"])
+    spec["rejection_sampling"]["scoring"] = {"reward_model": 0.5, "verifiers": {"arithmetic": 1.0}}
+    spec["reward"] = {"init": "policy", "data": [{"builtin": "arithmetic", "count": 64}],
+                      "max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                      "logging_steps": 2, "save_steps": 100, "max_length": 128,
+                      "activation_checkpointing": False, "disable_tqdm": True}
+    spec["dpo"]["data"] = [{"builtin": "arithmetic", "count": 32}]
+    spec["evaluation"]["reward"] = True
+    path = tmp_path / f"{name}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def final_state(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "round_1" / "dpo" / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_training_stage_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL while round_1/sft trains; the same command again skips the complete stages,
+    continues SFT from its last checkpoint, runs DPO and the evaluation, and ends with the same
+    weights and metrics as a run that was never interrupted. The manifest's attempts show that
+    no stage started from scratch twice."""
+    straight, killed = small_loop(tmp_path, "a"), small_loop(tmp_path, "b")
+    out = subprocess.run([*CLI, "run", str(straight)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    proc = subprocess.Popen([*CLI, "run", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "b" / ".work" / "round_1" / "sft" / "checkpoints"
+    deadline = time.time() + 600
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before round_1/sft could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "round_1" / "sft").exists()  # no half-written stage directory
+    done_before = set(read_manifest(tmp_path / "b")["stages"])
+    assert done_before == {"round_0/sft", "round_1/reward", "round_1/rejection_sampling"}
+
+    out = subprocess.run([*CLI, "run", str(killed)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b")
+    for label, record in manifest["stages"].items():
+        fresh = [a for a in record["attempts"] if not a["checkpoints"]]
+        assert len(fresh) == 1, (label, record["attempts"])  # started from scratch once
+    sft_attempts = manifest["stages"]["round_1/sft"]["attempts"]
+    assert len(sft_attempts) == 2 and "checkpoint-" in sft_attempts[1]["resumed_from"]
+
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+    ev_a = json.loads((tmp_path / "a" / "round_1" / "eval" / "metrics.json").read_text())["summary"]
+    ev_b = json.loads((tmp_path / "b" / "round_1" / "eval" / "metrics.json").read_text())["summary"]
+    assert ev_a.keys() >= {"accuracy", "reward_mean", "win_rate"}
+    for key in ev_a:
+        assert ev_b[key] == pytest.approx(ev_a[key], abs=1e-4), key
+    assert (tmp_path / "b" / "report.md").is_file() and (tmp_path / "b" / "report.png").is_file()

@@ -115,6 +115,21 @@ def test_select_min_score_keeps_nothing_for_a_weak_prompt():
     assert out.skipped["below_min_score"] == 1
 
 
+def test_select_min_verifier_score_keeps_only_verified_answers():
+    """a: the best by total (k=0, 0.9) failed its verifier (0.0) -> a keeps nothing; b: its best
+    passed (1.0); c: the verifier does not apply (None) -> kept. With no threshold a is kept."""
+    rows = [_cand("a", 0, 0.9), _cand("a", 1, 0.1), _cand("b", 0, 0.8), _cand("b", 1, 0.0),
+            _cand("c", 0, 0.7), _cand("c", 1, 0.2)]
+    verdicts = {"a:0": 0.0, "a:1": 1.0, "b:0": 1.0, "b:1": 0.0, "c:0": None, "c:1": None}
+    for row in rows:
+        row["scores"]["verifiers"] = {"check": verdicts[row["sample_id"]]}
+    out = stage.select(rows, PROMPTS, round=1, min_verifier_score=1.0)
+    assert [r["id"] for r in out.best] == ["b:0", "c:0"]
+    assert [p["prompt_id"] for p in out.pairs] == ["b", "c"]
+    assert out.skipped["unverified"] == 1
+    assert len(stage.select(rows, PROMPTS, round=1).best) == 3
+
+
 def test_select_refuses_a_candidate_of_an_unknown_prompt():
     with pytest.raises(ValueError, match="'z:0'.*unknown prompt_id 'z'"):
         stage.select([_cand("z", 0, 1.0)], PROMPTS, round=1)

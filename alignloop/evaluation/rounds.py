@@ -108,9 +108,10 @@ def _task(name: str, records: list[dict], answers: list[dict]) -> dict:
     from alignloop.reward.verifiers import resolve_verifier
 
     verify = resolve_verifier(name)
-    correct = [int(verify(r, a["completion"]) >= 0.5) for r, a in zip(records, answers)]
-    for answer, ok in zip(answers, correct):
-        answer["correct"] = bool(ok)
+    checks = [verify(r, a["completion"]) for r, a in zip(records, answers)]
+    for answer, value in zip(answers, checks):  # None: the verifier does not apply (no answer)
+        answer["correct"] = None if value is None else bool(value >= 0.5)
+    correct = [int(a["correct"]) for a in answers if a["correct"] is not None]
     scores = load("task_accuracy").compute(predictions=correct)
     examples = [{"prompt": r["prompt"][-1]["content"], "answer": r.get("answer"),
                  "completion": a["completion"], "correct": a["correct"]}

@@ -33,6 +33,10 @@ class RejectionSamplingConfig(Strict):
     min_gap: float = Field(default=0.0, ge=0)
     # A prompt whose best score is below this keeps nothing (no best, no pair). None: no floor.
     min_score: float | None = None
+    # A prompt whose best sample scores below this on a verifier that applies to it keeps nothing:
+    # only verified answers are trained on (Llama 3 filters math solutions by their final
+    # answer, reference A7). None: verifiers only add to the score.
+    min_verifier_score: float | None = Field(default=None, ge=0, le=1)
     # A sample cut off at max_new_tokens (finish_reason "length") is not a whole answer: it is
     # never kept as the best (nor as `chosen`) unless this is true. It may still be `rejected`.
     keep_truncated: bool = False

@@ -44,6 +44,7 @@ SKIPS = (
     "truncated_sample",    # samples cut at max_new_tokens, not allowed as best (keep_truncated)
     "no_complete_sample",  # prompts where no sample could be the best
     "below_min_score",     # prompts whose best scored below min_score: nothing kept
+    "unverified",          # prompts whose best failed a verifier (min_verifier_score): nothing kept
     "pair_small_gap",      # prompts whose best - worst <= min_gap: no pair
     "pair_same_text",      # prompts whose best and worst answers are the same text: no pair
 )
@@ -99,7 +100,8 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
     originals = {r["prompt_id"]: r["prompt"] for r in records}
     selection = select(candidates, originals, round=ctx.round, min_score=rs.min_score,
-                       keep_truncated=rs.keep_truncated, pairs=rs.pairs, min_gap=rs.min_gap)
+                       keep_truncated=rs.keep_truncated, pairs=rs.pairs, min_gap=rs.min_gap,
+                       min_verifier_score=rs.min_verifier_score)
     selection.skipped["duplicate_prompt"] += duplicates
     metrics = _metrics(candidates, selection, groups, records, timing, scorer, cfg)
     metrics["data"] = data_report
@@ -321,14 +323,16 @@ def _score(candidates: list[dict], records: list[dict], scoring, scorer, ctx: St
 
 def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int,
            min_score: float | None = None, keep_truncated: bool = False, pairs: bool = True,
-           min_gap: float = 0.0) -> Selection:
+           min_gap: float = 0.0, min_verifier_score: float | None = None) -> Selection:
     """The best answer (and the best/worst pair) of each prompt in `prompts` (prompt_id ->
     original messages), in that order; candidates may come in any order.
 
     Best: the highest `scores.total` among non-empty samples (truncated ones only with
     `keep_truncated`), ties going to the lowest sample index. Worst: the lowest total among all
     non-empty samples, ties to the lowest index. A pair needs best - worst > min_gap and two
-    different texts. Raises ValueError for a candidate whose prompt_id is not in `prompts`.
+    different texts. With `min_verifier_score`, a best that scores below it on any verifier that
+    applies (not None) is not kept, nor paired. Raises ValueError for a candidate whose prompt_id
+    is not in `prompts`.
     """
     by_prompt: dict[str, list[dict]] = {pid: [] for pid in prompts}
     for candidate in candidates:
@@ -349,6 +353,10 @@ def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int
         best = max(eligible, key=_total)  # max keeps the first of equals: the lowest index
         if min_score is not None and _total(best) < min_score:
             out.skipped["below_min_score"] += 1
+            continue
+        if min_verifier_score is not None and any(
+                v is not None and v < min_verifier_score for v in best["scores"]["verifiers"].values()):
+            out.skipped["unverified"] += 1
             continue
         out.best.append(_best_record(prompts[prompt_id], best, round))
         if pairs:

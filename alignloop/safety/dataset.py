@@ -235,7 +235,7 @@ def records(kind: str = "chat", split: str = "train", count: int | None = None, 
 
     The category of a borderline prompt is the hazard it borders on (for per-category FRR).
     """
-    if kind not in ("chat", "preference", "prompt"):
+    if kind not in ("chat", "preference", "ranking", "prompt"):
         raise ValueError(f"the safety set has kinds chat, preference and prompt, not {kind!r}")
     out = []
     for combo in _draw(split, count, seed):
@@ -246,7 +246,7 @@ def records(kind: str = "chat", split: str = "train", count: int | None = None, 
         if kind == "chat":
             out.append({"id": rid, "messages": prompt + [{"role": "assistant", "content": good_answer(combo)}],
                         "metadata": meta})
-        elif kind == "preference":
+        elif kind in ("preference", "ranking"):  # a pair is a two-response ranking
             out.append({"prompt_id": rid, "prompt": prompt, "chosen": good_answer(combo),
                         "rejected": bad_answer(combo), "metadata": meta})
         else:
