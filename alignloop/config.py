@@ -272,7 +272,8 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...
 
 
 class _Where:
-    """Formats `file:line: key: message`, walking up to the nearest key whose line is known."""
+    """Formats `file:line: key: message`, walking up to the nearest key whose line is known
+    (for a stage section that is not in the file, the `stages` line)."""
 
     def __init__(self, source: str, lines: dict[str, int]):
         self.source, self.lines = source, lines
@@ -282,6 +283,8 @@ class _Where:
         while probe and probe not in self.lines:
             probe = probe.rpartition(".")[0]
         line = self.lines.get(probe)
+        if line is None and key.partition(".")[0] in STAGES:
+            line = self.lines.get("stages")  # a section left out: the line that asks for the stage
         if line == -1:
             return f"--set {key}: {message}"
         return f"{self.source}{f':{line}' if line else ''}: {key}: {message}"

@@ -1,5 +1,6 @@
 """Recipe validation: every problem is reported with the file, line and key, before anything runs."""
 
+import re
 from pathlib import Path
 from textwrap import dedent
 
@@ -216,10 +217,63 @@ def test_gradient_checkpointing_is_an_alias(tmp_path):
 def test_unknown_builtin_dataset(tmp_path):
     path = write(tmp_path, "sft:\n  data:\n    - builtin: arithmetics\n")
     assert problems(path, check_trainer=False) == [
-        f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic, safety)"]
+        f"{path}:3: sft.data.0.builtin: unknown builtin dataset 'arithmetics' (known: arithmetic, safety, shapes)"]
 
 
 def test_trainer_option_at_top_level_points_to_the_stage(tmp_path):
     path = write(tmp_path, f"learning_rate: 1.0e-4\nsft:\n  data:\n    - path: {DATA}\n")
     assert problems(path) == [f"{path}:1: learning_rate: unknown key (did you mean "
                               "'sft.learning_rate'? trainer options go in the stage's section: sft, reward or dpo)"]
+
+
+LOOP = """
+rounds: 1
+stages: [reward, rejection_sampling, sft, dpo]
+reward: {data: [{builtin: arithmetic, count: 8}]}
+rejection_sampling:
+  prompts: [{builtin: arithmetic, count: 8}]
+  num_samples: 4
+  temperatures: [0.7, 1.0]
+sft: {data: [{builtin: arithmetic, count: 8}]}
+"""
+
+
+def test_the_loop_template_itself_is_valid(tmp_path):
+    cfg = load_recipe(write(tmp_path, LOOP), check_trainer=False)
+    assert cfg.stages == ["reward", "rejection_sampling", "sft", "dpo"]
+
+
+@pytest.mark.parametrize("edit, key, reason", [
+    ({"num_samples: 4": "num_samples: 1", "[0.7, 1.0]": "[1.0]"},
+     "rejection_sampling.num_samples", "needs at least 2 samples per prompt (got 1)"),
+    ({"num_samples: 4": "num_samples: 3\n  system_prompts: [null, Be brief.]"},
+     "rejection_sampling.num_samples", "3 samples cannot cover 2 temperature(s) x 2 system prompt(s)"),
+    ({"prompts: [{builtin: arithmetic, count: 8}]": "prompts: []"}, "rejection_sampling.prompts",
+     "rejection sampling needs prompts"),
+    ({"reward: {data: [{builtin: arithmetic, count: 8}]}": "reward: {data: []}"}, "reward.data",
+     "the reward stage needs preference data"),
+    ({"[reward, rejection_sampling, sft, dpo]": "[rejection_sampling, sft]"},
+     "rejection_sampling.scoring.reward_model", "needs a reward stage in the round or "
+                                                "rejection_sampling.reward_model"),
+    ({"[reward, rejection_sampling, sft, dpo]": "[sft, dpo]"}, "dpo.data",
+     "the dpo stage needs preference pairs"),
+    ({"rounds: 1": "rounds: 1\nsafety: {classifier: llama_guard, data: [{builtin: safety}]}"},
+     "safety.llama_guard", "needs the path of a Llama Guard 3 checkpoint"),
+    ({"rounds: 1": "rounds: 1\nevaluation: {task: arithmetic}"}, "evaluation.data",
+     "task accuracy needs prompts with answers"),
+])
+def test_loop_recipe_problems_name_file_line_and_key(tmp_path, edit, key, reason):
+    """Each cross-stage problem of a loop recipe is one message naming the file, line and key."""
+    text = LOOP
+    for old, new in edit.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = write(tmp_path, text)
+    found = problems(path, check_trainer=False)
+    assert len(found) == 1, found
+    assert re.match(rf"{re.escape(str(path))}:\d+: {re.escape(key)}: .*{re.escape(reason)}", found[0]), found
+
+
+def test_a_loop_problem_from_the_command_line_names_the_override(tmp_path):
+    found = problems(write(tmp_path, LOOP), ["rejection_sampling.prompts=[]"], check_trainer=False)
+    assert found == ["--set rejection_sampling.prompts: rejection sampling needs prompts"]
