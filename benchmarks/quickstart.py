@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's alignloop, also when run from another worktree
 FRR_BOUND = 0.10
 
 
@@ -36,10 +37,14 @@ def main() -> None:
         env = {**os.environ, "ALIGNLOOP_CACHE": str(Path(tmp) / "cache")}  # cold: builds the tiny model
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "alignloop.cli", "run", args.recipe, "--output-dir",
-                        str(run_dir)], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        log = Path(tmp) / "run.log"
+        with log.open("w") as out:
+            code = subprocess.run([sys.executable, "-m", "alignloop.cli", "run", args.recipe,
+                                   "--output-dir", str(run_dir)], env=env, cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT).returncode
         total = time.perf_counter() - start
+        if code:
+            sys.exit(f"the quickstart failed (exit {code}):\n{log.read_text()[-4000:]}")
         manifest = json.loads((run_dir / "manifest.json").read_text())
         table = rows(run_dir)
         if args.keep:
