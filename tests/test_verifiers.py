@@ -59,7 +59,7 @@ def test_user_verifier_by_import_path(user_module):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("arithmetics", r"unknown verifier 'arithmetics' \(known: arithmetic, safety; or package.module:function\)"),
+    ("arithmetics", r"unknown verifier 'arithmetics' \(known: arithmetic, safety, shapes; or package.module:function\)"),
     ("my_checks.nowhere:f", r"verifier 'my_checks.nowhere:f': cannot import my_checks.nowhere "
                             r"\(ModuleNotFoundError: No module named 'my_checks.nowhere'\)"),
     ("my_checks.style:absent", r"verifier 'my_checks.style:absent': my_checks.style has no function 'absent'"),

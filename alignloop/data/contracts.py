@@ -24,7 +24,9 @@ from typing import Any
 
 from alignloop.data.errors import FieldError
 
-KINDS = ("chat", "prompt", "preference", "ranking", "document")
+# Records with images; their contracts live in alignloop.vision.data (docs/data-formats.md).
+VISION_KINDS = ("vision_chat", "vision_prompt", "vision_preference", "image_text")
+KINDS = ("chat", "prompt", "preference", "ranking", "document") + VISION_KINDS
 ROLES = ("system", "user", "assistant")
 
 _SHAPES = {
@@ -50,6 +52,10 @@ def validate_record(obj: Any, kind: str) -> dict:
     Normalising an already-normalised record returns an equal record.
     """
     check_kind(kind)
+    if kind in VISION_KINDS:  # image paths as given (readers resolve them against the file)
+        from alignloop.vision.data import validate_vision_record
+
+        return validate_vision_record(obj, kind)
     if not isinstance(obj, dict):
         raise FieldError(None, f"expected a JSON object (one record), got {_a(obj)}")
     return _VALIDATORS[kind](obj)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from alignloop.data.contracts import check_kind, validate_record
+from alignloop.data.contracts import VISION_KINDS, check_kind, validate_record
 from alignloop.data.errors import DataError, FieldError, Unit
 from alignloop.data.source_config import OnError
 
@@ -54,9 +54,13 @@ def read_records(path: str | Path, kind: str, on_error: OnError = "raise") -> Re
     sorted; hidden files and folders are ignored). Raises DataError for bad records (unless
     on_error="skip") and for files that cannot be read at all."""
     check_kind(kind)
+    if kind in VISION_KINDS:  # image paths are relative to each data file
+        from alignloop.vision.data import read_vision_records
+
+        return read_vision_records(path, kind, on_error)
     result = ReadResult([])
     for file in data_files(path):
-        rows = _READERS[file.suffix](file)
+        rows = read_rows(file)
         unit: Unit = "row" if file.suffix == ".parquet" else "line"
         result.extend(check_rows(rows, kind, on_error, file=str(file), unit=unit))
     return result
@@ -79,16 +83,22 @@ def data_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def read_rows(file: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row, parsed object or DataError) pairs of one .jsonl / .json / .parquet file."""
+    return _READERS[file.suffix](file)
+
+
 def check_rows(rows: Iterable[tuple[int, Any]], kind: str, on_error: OnError, *,
-               file: str, unit: Unit = "line") -> ReadResult:
-    """Validates (line or row, parsed object or DataError) pairs; used by every reader."""
+               file: str, unit: Unit = "line", validate=validate_record) -> ReadResult:
+    """Validates (line or row, parsed object or DataError) pairs with `validate(obj, kind)`;
+    used by every reader."""
     result = ReadResult([])
     for where, obj in rows:
         if isinstance(obj, DataError):
             result.reject(obj, on_error)
             continue
         try:
-            result.records.append(validate_record(obj, kind))
+            result.records.append(validate(obj, kind))
         except FieldError as err:
             result.reject(DataError(err.reason, file=file, line=where, field=err.field,
                                     unit=unit), on_error)

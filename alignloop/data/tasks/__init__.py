@@ -2,8 +2,10 @@
 
 from alignloop.data.tasks import arithmetic
 from alignloop.safety import dataset as safety
+from alignloop.vision import shapes
 
 # name -> records(kind=, split=, count=, seed=) -> list of records of that kind
-BUILTIN = {"arithmetic": arithmetic.records, "safety": safety.records}
+BUILTIN = {"arithmetic": arithmetic.records, "safety": safety.records,
+           "shapes": shapes.records}  # vision kinds (vision_chat, vision_prompt, vision_preference)
 # name -> check(response: str, answer) -> bool
-VERIFIERS = {"arithmetic": arithmetic.check}
+VERIFIERS = {"arithmetic": arithmetic.check, "shapes": shapes.check}
