@@ -59,9 +59,20 @@ class ModelConfig(_Strict):
     # template); "llama3": alignloop's Llama 3 template; or a path to a .jinja file with markers.
     chat_template: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # sdpa, eager, flash_attention_2, ... or alignloop_triton, our Triton flash attention
+    # (docs/kernels.md; alias alignloop_flash), registered with transformers when a model loads.
     attn_implementation: str = "sdpa"
     revision: str | None = None
     tiny: dict[str, Any] = Field(default_factory=dict)  # LlamaConfig overrides for builtin:tiny
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attention_alias(cls, data: Any) -> Any:
+        from alignloop.kernels import ATTENTION, ATTENTION_ALIASES
+
+        if isinstance(data, dict) and data.get("attn_implementation") in ATTENTION_ALIASES:
+            data = {**data, "attn_implementation": ATTENTION}
+        return data
 
 
 class EvaluationConfig(_Strict):

@@ -13,6 +13,8 @@ import torch
 
 from alignloop.config import BUILTIN_MODEL, ModelConfig, Recipe, resolved_precision
 from alignloop.data.templates import select_template
+from alignloop.kernels import ATTENTION
+from alignloop.kernels import register as register_attention
 
 logger = logging.getLogger("alignloop.models")
 
@@ -70,6 +72,8 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    if cfg.model.attn_implementation == ATTENTION:
+        register_attention()  # transformers must know the name before from_pretrained
     precision = resolved_precision(cfg)
     dtype = torch_dtype(cfg.model, precision)
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
