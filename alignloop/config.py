@@ -30,6 +30,7 @@ from alignloop.reward.config import RewardStageConfig
 from alignloop.safety.config import SafetyConfig
 from alignloop.sft.config import SFTStageConfig
 from alignloop.synth_data.config import SynthDataConfig
+from alignloop.vision.config import VisionConfig
 
 # A round's stages, in the order they may appear (reference A1): the reward model first, then
 # sampling from the policy, synthetic data, SFT on what was selected, DPO on the newest pairs.
@@ -119,10 +120,17 @@ class Recipe(_Strict):
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     safety: SafetyConfig | None = None
     evaluation: EvaluationConfig | None = None
+    # A vision recipe (docs/vision.md): a cross-attention vision model trained by vision.stages;
+    # the text loop's `stages` do not run then.
+    vision: VisionConfig | None = None
     source: str = Field(default="<dict>", exclude=True)
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> "Recipe":
+        if self.vision is not None:
+            if "stages" in self.model_fields_set and self.stages:
+                raise ValueError("a vision recipe runs vision.stages; remove the top-level stages")
+            self.__dict__["stages"] = []
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("a stage is listed twice")
         order = [s for s in STAGES if s in self.stages]
@@ -369,6 +377,10 @@ def _source_lists(cfg: Recipe) -> dict[str, list[SourceConfig]]:
         lists["safety.data"], lists["safety.eval_data"] = cfg.safety.data, cfg.safety.eval_data
     if cfg.evaluation is not None:
         lists["evaluation.data"] = cfg.evaluation.data
+    if cfg.vision is not None:
+        from alignloop.vision.config import vision_sources
+
+        lists.update(vision_sources(cfg.vision))
     return lists
 
 
@@ -437,6 +449,11 @@ def _check_combinations(cfg: Recipe, where: _Where) -> list[str]:
                                                             f"(pip install 'alignloop[tracking]')"))
     problems += _check_builtins(cfg, where)
     problems += _check_verifiers(cfg, where)
+    if cfg.vision is not None:
+        from alignloop.vision.config import check_vision
+
+        problems += check_vision(cfg, where)
+    problems += _check_long_context(cfg, where)
     if "generation" in cfg.model_fields_set or any(s in stages for s in ("rejection_sampling", "synth_data")):
         problems += _check_generation(cfg, where)
     return problems
@@ -519,6 +536,32 @@ def _check_loop(cfg: Recipe, where: _Where) -> list[str]:
         if ev.safety and (cfg.safety is None or not cfg.safety.eval_data):
             problems.append(where("evaluation.safety", "needs safety.eval_data (held-out "
                                                        "adversarial and borderline prompts)"))
+    return problems
+
+
+def _check_long_context(cfg: Recipe, where: _Where) -> list[str]:
+    """Packing, long-example splitting and padding-free options (docs/long_context.md)."""
+    problems = []
+    sections = [("sft", cfg.sft)] + ([("initial_sft", cfg.initial_sft)]
+                                     if isinstance(cfg.initial_sft, SFTStageConfig) else [])
+    for name, sft in sections:
+        options = sft.trainer_options
+        packed = [k for k in ("packing", "padding_free") if options.get(k) is True]
+        if packed and cfg.model.attn_implementation == "flex_attention":
+            problems.append(where(f"{name}.{packed[0]}", "packed / padding-free batches need "
+                                  "attention that separates documents by position_ids; "
+                                  "flex_attention attends across them: use sdpa, eager or "
+                                  "alignloop_triton, or turn packing off"))
+        max_length = options.get("max_length", 1024)
+        if sft.long_examples == "split" and max_length is not None and sft.split_overlap >= max_length:
+            problems.append(where(f"{name}.split_overlap", f"must be smaller than max_length "
+                                  f"({max_length}); windows advance by max_length - split_overlap"))
+    if cfg.dpo.trainer_options.get("padding_free") is True:
+        problems.append(where("dpo.padding_free", "TRL 1.16's DPOTrainer has no padding-free mode "
+                              "(it would fall back to padding); remove the key"))
+    if cfg.dpo.fused_loss is True and cfg.dpo.trainer_options.get("use_weighting") is True:
+        problems.append(where("dpo.fused_loss", "the fused loss does not compute what WPO "
+                              "weighting (use_weighting) needs; set one of them to false"))
     return problems
 
 

@@ -21,7 +21,7 @@ def recipe_files():
 def test_there_are_recipes():
     names = {p.name for p in recipe_files()}
     assert {"quickstart.yaml", "llama3_2_1b_lora_sft.yaml", "llama3_1_8b_qlora_sft.yaml",
-            "llama3_2_3b_loop.yaml"} <= names
+            "llama3_2_3b_loop.yaml", "llama3_2_1b_lora_128k.yaml", "llama3_1_8b_lora_128k.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", recipe_files(), ids=lambda p: str(p.relative_to(RECIPES)))
@@ -48,9 +48,40 @@ def test_real_recipes_name_real_checkpoints():
         assert cfg.model.path == hub_id and cfg.sft.method in ("lora", "qlora")
 
 
+def test_vision_recipes_name_real_checkpoints():
+    """The vision recipes (docs/vision.md) validate with their real hub ids and data files."""
+    lora = load_recipe(RECIPES / "llama3_2_11b_vision_lora.yaml")
+    assert lora.model.path == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    assert lora.vision.start == "mllama" and lora.vision.stages == ["sft"] and lora.vision.sft.lora
+    adapter = load_recipe(RECIPES / "llama3_1_8b_vision_adapter.yaml")
+    assert adapter.model.path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert adapter.vision.start == "new" and adapter.vision.stages == ["adapter", "sft"]
+    assert adapter.vision.adapter_config.cross_layers(32) == [3, 7, 11, 15, 19, 23, 27, 31]
+    quick = load_recipe(RECIPES / "vision_quickstart.yaml")
+    assert quick.model.path == "builtin:tiny" and quick.vision.evaluation is not None
+
+
 @pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_parse(path):
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.num_processes >= 2 and config.distributed_type is not None
+
+
+@pytest.mark.parametrize("name,hub_id,offload", [
+    ("llama3_2_1b_lora_128k.yaml", "meta-llama/Llama-3.2-1B-Instruct", False),
+    ("llama3_1_8b_lora_128k.yaml", "meta-llama/Llama-3.1-8B-Instruct", True)])
+def test_128k_recipes_ask_for_what_makes_128k_fit(name, hub_id, offload, tmp_path):
+    """LoRA at 131,072 tokens with checkpointing, the fused loss, our Triton attention, packing
+    and long documents split (docs/long_context.md); offloading only where it helps (8B)."""
+    from alignloop.kernels import ATTENTION
+    from alignloop.kernels.fused_head import wanted
+
+    cfg = load_recipe(RECIPES / name, check_trainer=False)
+    assert cfg.model.path == hub_id and cfg.model.attn_implementation == ATTENTION
+    assert cfg.sft.method == "lora" and "lm_head" not in cfg.sft.lora.target_modules
+    assert cfg.sft.fused_loss is True and cfg.sft.long_examples == "split"
+    args = trainer_args(load_recipe(RECIPES / name, ["model.path=builtin:tiny"]), "sft", tmp_path)
+    assert args.max_length == 131072 and args.activation_checkpointing and args.packing
+    assert args.activation_offloading is offload and wanted(cfg.sft.fused_loss, args.max_length)

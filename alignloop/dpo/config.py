@@ -27,3 +27,6 @@ class DPOStageConfig(TrainerSection):
     # Reference log-probs computed once before training: "auto" does so when it saves time
     # (more than one epoch, or a full fine-tune that would otherwise keep a reference copy).
     precompute_ref_log_probs: Literal["auto"] | bool = "auto"
+    # Fused linear + cross-entropy for the policy's and reference's per-token log-probs
+    # (alignloop.kernels.fused_loss). "auto": on when max_length >= 4096; false: TRL's own head.
+    fused_loss: Literal["auto"] | bool = "auto"

@@ -105,7 +105,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
 
-    from alignloop.dpo.trainer import completion_log_probs, make_trainer
+    from alignloop.dpo.trainer import completion_log_probs, make_trainer, use_fused_loss
     from alignloop.models.loading import load_tokenizer
     from alignloop.sft.stage import merge_adapter
 
@@ -143,6 +143,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "loss_weights": args.loss_weights,
         "beta": args.beta,
         "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        "fused_loss": use_fused_loss(section, args),
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "losses": [round(e["loss"], 4) for e in history if "loss" in e],

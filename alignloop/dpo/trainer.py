@@ -20,6 +20,7 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignloop.dpo.masking import FormattingIds, formatting_ids, loss_mask
+from alignloop.kernels import fused_head
 from alignloop.models.loading import load_model, lora_config
 
 
@@ -113,9 +114,25 @@ def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
         pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
         truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
         formatting=formatting_ids(tokenizer) if section.mask_formatting_tokens else None)
-    return LlamaDPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=collator,
-                           train_dataset=train_set, processing_class=tokenizer,
-                           peft_config=lora_config(section.lora) if section.method != "full" else None)
+    trainer = LlamaDPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=collator,
+                              train_dataset=train_set, processing_class=tokenizer,
+                              peft_config=lora_config(section.lora) if section.method != "full" else None)
+    if use_fused_loss(section, args):
+        # per-token log-probs of policy and reference through our fused linear + cross-entropy;
+        # TRL's sigmoid loss and the NLL term read them as before (docs/long_context.md)
+        fused_head.install(trainer.model)
+        if trainer.ref_model is not None:
+            fused_head.install(trainer.ref_model)
+    return trainer
+
+
+def use_fused_loss(section, args) -> bool:
+    """`dpo.fused_loss` resolved; "auto" stays off with WPO weighting (`use_weighting`), which
+    needs a statistic (log sum p^2) that our head does not compute."""
+    if section.fused_loss is True and args.use_weighting:
+        raise ValueError("dpo.fused_loss: true does not support use_weighting (WPO); set one of "
+                         "them to false")
+    return fused_head.wanted(section.fused_loss, args.max_length) and not args.use_weighting
 
 
 def completion_log_probs(trainer: DPOTrainer, dataset, limit: int = 64) -> dict[str, float] | None:

@@ -21,6 +21,15 @@ class SFTStageConfig(TrainerSection):
     eval_data: list[SourceConfig] = Field(default_factory=list)
     # An example whose loss mask is empty after truncation: stop with an error, or skip and count it.
     empty_mask: Literal["error", "skip"] = "error"
+    # Examples longer than max_length: "truncate" keeps the first max_length tokens; "split" cuts
+    # them into windows of max_length tokens, each starting `split_overlap` tokens before the
+    # previous one ended (those tokens are context only: every label is trained once). A window
+    # without an assistant token is skipped and counted (docs/long_context.md).
+    long_examples: Literal["truncate", "split"] = "truncate"
+    split_overlap: int = Field(default=0, ge=0)
+    # Fused linear + cross-entropy (alignloop.kernels.fused_loss): the loss without the tokens x
+    # vocabulary logits. "auto": on when max_length >= 4096; false: TRL's own chunked LM head.
+    fused_loss: Literal["auto"] | bool = "auto"
     # In the loop: where each round's SFT starts. "previous": the policy so far; "base": the
     # recipe's model, as Llama 3 fine-tunes the pre-trained checkpoint every round (reference A1).
     start: Literal["previous", "base"] = "previous"

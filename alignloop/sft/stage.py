@@ -23,7 +23,9 @@ from pathlib import Path
 from alignloop.config import Recipe, trainer_args
 from alignloop.data.masks import build_sft_dataset
 from alignloop.data.readers import read_records, write_jsonl
+from alignloop.data.splitting import split_dataset
 from alignloop.data.sources import format_report, load_sources
+from alignloop.kernels import fused_head
 from alignloop.models.averaging import average_checkpoints
 from alignloop.models.loading import load_model, load_tokenizer, lora_config
 from alignloop.pipeline.context import StageContext
@@ -100,17 +102,20 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
     records, report = training_records(cfg, ctx)
     logger.info("sft data:\n%s", format_report(report))
-    train_set, mask_stats = build_sft_dataset(records, tokenizer, args.max_length, cfg.sft.empty_mask)
+    train_set, mask_stats, split_stats = sft_dataset(cfg, records, tokenizer, args.max_length)
     eval_set = None
     if cfg.sft.eval_data:
         held_out = load_sources(cfg.sft.eval_data, "chat", cfg.bad_records, cfg.seed)
-        eval_set, _ = build_sft_dataset(held_out.records, tokenizer, args.max_length, cfg.sft.empty_mask)
+        eval_set, _, _ = sft_dataset(cfg, held_out.records, tokenizer, args.max_length)
 
     method = cfg.sft.method
     model = load_model(cfg, path, quantize=method == "qlora", quantization=cfg.sft.quantization)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer,
                          peft_config=lora_config(cfg.sft.lora) if method != "full" else None)
+    fused = fused_head.wanted(cfg.sft.fused_loss, args.max_length)
+    if fused:  # our fused linear + cross-entropy in place of TRL's LM head (docs/long_context.md)
+        fused_head.install(trainer.model)
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if last:
         logger.info("resuming sft from %s", last)
@@ -131,7 +136,10 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "data": report,
         "averaged": averaged,
         "masks": vars(mask_stats),
+        "fused_loss": fused,
     }
+    if split_stats is not None:
+        metrics["split"] = vars(split_stats)
     if args.packing:
         metrics["packing"] = packing_report(trainer.train_dataset)
     if eval_set is not None:
@@ -148,6 +156,19 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     state.wait_for_everyone()
     return metrics
+
+
+def sft_dataset(cfg: Recipe, records: list[dict], tokenizer, max_length: int | None):
+    """(dataset, MaskStats, SplitStats or None): records tokenized with assistant-only labels,
+    long ones truncated to `max_length` or split into windows (`sft.long_examples`)."""
+    if cfg.sft.long_examples == "truncate" or max_length is None:
+        return (*build_sft_dataset(records, tokenizer, max_length, cfg.sft.empty_mask), None)
+    whole, mask_stats = build_sft_dataset(records, tokenizer, None, cfg.sft.empty_mask)
+    dataset, split_stats = split_dataset(whole, max_length, cfg.sft.split_overlap)
+    if split_stats.skipped_windows:
+        logger.info("split %d long example(s) into windows; skipped %d window(s) without an "
+                    "assistant token", split_stats.examples_split, split_stats.skipped_windows)
+    return dataset, mask_stats, split_stats
 
 
 def packing_report(packed) -> dict:
