@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(commands.add_parser("run", help="run every stage of a recipe (resumes)"))
     recipe_args(commands.add_parser("validate", help="check a recipe without running it"), False)
     stage = commands.add_parser("stage", help="run one stage of a recipe")
-    stage.add_argument("name", help="the stage: reward, rejection_sampling, synth_data, sft or dpo")
+    stage.add_argument("name", help="the stage: reward, rejection_sampling, synth_data, sft or dpo; "
+                                    "in a vision recipe vision_adapter, vision_sft, vision_reward, "
+                                    "vision_rejection_sampling or vision_dpo")
     recipe_args(stage)
     stage.add_argument("--round", type=int, default=None,
                        help="which round's stage (default: the first round that has it); the "
@@ -78,23 +80,32 @@ def _validate(args) -> int:
     from alignloop.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
-    print(f"{args.recipe}: ok (stages: {', '.join(cfg.stages)}; output_dir: {cfg.output_dir})")
+    stages = cfg.stages or ([f"vision_{s}" for s in cfg.vision.stages] if cfg.vision else [])
+    print(f"{args.recipe}: ok (stages: {', '.join(stages)}; output_dir: {cfg.output_dir})")
     return 0
 
 
 def _run(args) -> int:
-    from alignloop.pipeline.runner import run
+    from alignloop.config import load_recipe
 
-    run(args.recipe, args.overrides, output_dir=args.output_dir)
+    cfg = load_recipe(args.recipe, args.overrides, output_dir=args.output_dir)
+    if cfg.vision is not None:  # a vision recipe runs vision.stages (docs/vision.md)
+        from alignloop.vision.runner import run
+    else:
+        from alignloop.pipeline.runner import run
+    run(cfg)
     return 0
 
 
 def _stage(args) -> int:
+    from alignloop.config import load_recipe
     from alignloop.pipeline.runner import run_stage
 
+    cfg = load_recipe(args.recipe, args.overrides, output_dir=args.output_dir)
+    if cfg.vision is not None:  # vision_adapter, vision_sft, ... (docs/vision.md)
+        from alignloop.vision.runner import run_stage
     try:
-        result = run_stage(args.name, args.recipe, args.overrides, output_dir=args.output_dir,
-                           round=args.round)
+        result = run_stage(args.name, cfg, round=args.round)
     except ValueError as err:
         if "is not in this recipe" not in str(err) and "does not run in round" not in str(err):
             raise
