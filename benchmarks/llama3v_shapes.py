@@ -71,7 +71,7 @@ def main() -> None:
             out = model.generate(batch["input_ids"], batch["attention_mask"],
                                  pixel_values=batch["pixel_values"], max_new_tokens=4,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eot)
-            for record, tokens in zip(chunk, out):
+            for record, tokens in zip(chunk, out[:, batch["input_ids"].shape[1]:]):  # new tokens
                 answer = tokenizer.decode(tokens, skip_special_tokens=True)
                 by_task[record["metadata"]["task"]].append(shapes.check(answer, record["answer"]))
         total = sum(sum(v) for v in by_task.values()) / len(heldout)

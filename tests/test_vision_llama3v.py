@@ -1,6 +1,8 @@
 """The Llama 3-V variant: image tokens in the LM's input, the feature cache, a short training run."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,159 @@ def test_save_and_load(tokenizer, model, records, tmp_path):
     with torch.no_grad():
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         assert torch.allclose(model.eval()(**inputs).logits, again.eval()(**inputs).logits, atol=1e-6)
+
+
+def test_pooled_image_tokens(tokenizer, tiny_dir, records):
+    """image_tokens=4 average-pools the 4 x 4 patch grid to 2 x 2: 4 image tokens per image."""
+    torch.manual_seed(0)
+    model = Llama3V(LlamaForCausalLM.from_pretrained(tiny_dir), tiny_encoder(seed=0),
+                    image_token_id(tokenizer), image_tokens=4)
+    batch = collator(tokenizer, model)(records[:2])
+    assert (batch["input_ids"] == model.image_token_id).sum(dim=1).tolist() == [4, 4]
+    features = torch.arange(16.0).view(1, 16, 1)  # patch k of the 4 x 4 grid holds k
+    assert model.pool(features).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of each 2 x 2
+    assert torch.isfinite(model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels",
+                                                         "pixel_values")}).loss)
+    with pytest.raises(ValueError, match="must be a square number of at most the encoder's 16"):
+        Llama3V(model.lm, model.encoder, model.image_token_id, image_tokens=8)
+
+
+# ---- through a recipe: `vision.architecture: llama3v` ----------------------------------------------
+
+SMALL = dict(per_device_train_batch_size=8, learning_rate=3.0e-3, num_train_epochs=1,
+             logging_steps=1, save_steps=100, max_length=64)
+
+
+def _spec(out, stages=("adapter", "sft"), evaluation=True, **llama3v):
+    shapes_data = [{"builtin": "shapes", "split": "train", "count": 64}]
+    spec = {"output_dir": str(out), "model": {"path": "builtin:tiny"},
+            "vision": {"architecture": "llama3v", "llama3v": {"encoder": "tiny", **llama3v},
+                       "stages": list(stages),
+                       "adapter": {"kind": "vision_chat", "data": shapes_data, **SMALL},
+                       "sft": {"data": shapes_data, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                               **SMALL}}}
+    if evaluation:
+        spec["vision"]["evaluation"] = {"data": [{"builtin": "shapes", "split": "heldout", "count": 12}],
+                                        "max_new_tokens": 3, "text_prompts": ["Name a colour."]}
+    return spec
+
+
+def test_llama3v_recipes_validate_and_errors_name_the_key():
+    from alignloop.config import RecipeError, load_recipe
+
+    import yaml
+
+    from alignloop.config import dump_recipe
+
+    cfg = load_recipe(_spec("/tmp/unused"))
+    assert cfg.vision.adapter.train == ["projector"] and cfg.vision.sft.train == ["projector"]
+    # the resolved recipe.yaml of either architecture loads again (every section written out)
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for resolved in (cfg, load_recipe(recipes / "vision_quickstart.yaml")):
+        assert load_recipe(yaml.safe_load(dump_recipe(resolved))).vision == resolved.vision
+    spec = _spec("/tmp/unused")
+
+    def error(change, message):
+        broken = {**spec, "vision": {**spec["vision"], **change}}
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(broken)
+
+    error({"architecture": "cross_attention", "llama3v": {"image_tokens": 4}}, "vision.llama3v: options of the Llama 3-V variant; set "
+                                               "vision.architecture: llama3v")
+    error({"start": "mllama"}, "vision.start: .*Mllama conversion is not supported for architecture llama3v")
+    error({"adapter_config": {"encoder": "tiny"}}, "vision.adapter_config: cross-attention options")
+    error({"stages": ["adapter", "dpo"], "dpo": {"data": [{"builtin": "shapes", "split": "train"}]}},
+          "vision.stages: architecture llama3v runs the adapter and sft stages, not dpo")
+    error({"adapter": {**spec["vision"]["adapter"], "train": ["projector", "cross_attention"]}},
+          "vision.adapter.train: cross_attention: not a part of a llama3v model")
+    error({"sft": {**spec["vision"]["sft"], "train": ["encoder", "projector"]}},
+          "vision.sft.train: the encoder cannot train on cached features")
+    error({"llama3v": {"image_tokens": 8}},
+          r"vision.llama3v.image_tokens: 8: must be a square number of at most the encoder's 16 patches")
+    error({"llama3v": {"encoder": "./no/such/siglip"}}, "vision.llama3v.encoder: no such directory")
+    error({"llama3v": {"encode": "tiny"}}, "vision.llama3v.encode")  # strict: unknown keys
+
+
+class EncoderCalls:
+    """Counts forward calls of every SiglipVisionModel; with `fail`, any call is an error."""
+
+    def __init__(self, monkeypatch, fail=False):
+        from transformers import SiglipVisionModel
+
+        self.count, forward = 0, SiglipVisionModel.forward
+
+        def counted(module, *args, **kwargs):
+            self.count += 1
+            if fail:
+                raise AssertionError("the encoder ran although every feature was cached")
+            return forward(module, *args, **kwargs)
+
+        monkeypatch.setattr(SiglipVisionModel, "forward", counted)
+
+
+@pytest.fixture(scope="module")
+def llama3v_run(tmp_path_factory):
+    """adapter (projector, LM frozen) then sft (projector + LoRA) on 64 shapes questions, with
+    the held-out evaluation before and after, through the vision runner."""
+    from alignloop.config import load_recipe
+    from alignloop.vision.runner import run
+
+    out = tmp_path_factory.mktemp("llama3v") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = EncoderCalls(monkeypatch)
+        result = run(load_recipe(_spec(out)))
+    return out, result, calls.count
+
+
+def test_llama3v_run_trains_through_the_vision_runner(llama3v_run, tiny_dir):
+    out, result, encoder_calls = llama3v_run
+    adapter, sft = (result.stages[f"round_1/vision_{s}"].metrics for s in ("adapter", "sft"))
+    assert adapter["steps"] == 8 and adapter["trained"] == {"projector": adapter["trained"]["projector"]}
+    assert sum(adapter["losses"][-2:]) < sum(adapter["losses"][:2])
+    assert sft["losses"][-1] < sft["losses"][0] and set(sft["trained"]) == {"projector", "lm_lora"}
+    # the features of the 64 pictures are encoded once (two batches of 32), in the adapter stage;
+    # the sft stage finds them all cached. The other calls are the two evaluations' (12 + 1
+    # prompts each, live pixels: one generate call encodes the 12 held-out pictures).
+    assert adapter["features_computed"] == 64 and sft["features_computed"] == 0
+    assert adapter["feature_cache"] == sft["feature_cache"]
+    assert adapter["feature_cache"].startswith(str(out / "feature_cache"))
+    assert encoder_calls == 2 + 2
+
+    base = LlamaForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after_adapter = Llama3V.load(out / "round_1" / "vision_adapter" / "model")
+    assert all(torch.equal(after_adapter.lm.state_dict()[k], v) for k, v in base.items())  # LM frozen
+    after_sft = Llama3V.load(out / "round_1" / "vision_sft" / "model")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after_sft.lm.state_dict()[q], base[q])  # LoRA, merged
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    assert json.loads((out / "round_1" / "eval" / "metrics.json").read_text())["count"] == 12
+
+
+def test_llama3v_training_with_a_warm_cache_never_runs_the_encoder(llama3v_run, tmp_path, monkeypatch):
+    """A second run (its own output directory, no evaluation) pointed at the first run's cache:
+    every picture is cached, so the encoder must not run at all; the adapter stage's losses equal
+    the first run's (cached features are the encoder's, bit for bit)."""
+    from alignloop.config import load_recipe
+    from alignloop.vision.runner import run
+
+    first, result, _ = llama3v_run
+    EncoderCalls(monkeypatch, fail=True)
+    cfg = load_recipe(_spec(tmp_path / "again", evaluation=False, cache_dir=str(first / "feature_cache")))
+    again = run(cfg).stages
+    assert again["round_1/vision_adapter"].metrics["features_computed"] == 0
+    assert again["round_1/vision_sft"].metrics["features_computed"] == 0
+    assert again["round_1/vision_adapter"].metrics["losses"] == \
+        result.stages["round_1/vision_adapter"].metrics["losses"]
+
+
+def test_llama3v_rerun_skips_complete_stages(llama3v_run, monkeypatch):
+    """The same recipe again: both stages and both evaluations are complete, nothing runs."""
+    from alignloop.config import load_recipe
+    from alignloop.vision.runner import run
+
+    out, first, _ = llama3v_run
+    EncoderCalls(monkeypatch, fail=True)
+    again = run(load_recipe(_spec(out)))
+    assert all(stage.skipped for stage in again.stages.values()) and len(again.stages) == 2
+    assert again.evaluation["after"]["accuracy"] == first.evaluation["after"]["accuracy"]

@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alignloop.data.masks import IGNORE_INDEX
+from alignloop.vision.config import LLAMA3V_TINY_ENCODER
 from alignloop.vision.data import (IMAGE_TOKEN, ImageError, ImageLimits, VisionEncoder, load_image,
                                    pad_id)
 
 # A SigLIP small enough for CPU tests: 32 px images of 8 px patches give P = 16 image tokens.
-TINY_ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False)
+TINY_ENCODER = LLAMA3V_TINY_ENCODER
 
 
 def tiny_encoder(seed: int = 0, **overrides):
@@ -78,22 +80,54 @@ class Llama3V(nn.Module):
     row is never read, so an id outside the LM's vocabulary, like real Llama 3.2's 128256, works).
     """
 
-    def __init__(self, lm, encoder, image_token_id: int, projector_layers: int = 2):
+    def __init__(self, lm, encoder, image_token_id: int, projector_layers: int = 2,
+                 image_tokens: int | None = None):
         super().__init__()
-        self.lm, self.encoder, self.image_token_id = lm, encoder, image_token_id
+        # `language_model` (as VisionLlama's), so that the vision stages' LoRA wrapping and
+        # merging treat both architectures alike; `lm` reads it.
+        self.language_model, self.encoder, self.image_token_id = lm, encoder, image_token_id
+        patches = self.patches
+        self.image_tokens = image_tokens or patches
+        if math.isqrt(self.image_tokens) ** 2 != self.image_tokens or self.image_tokens > patches:
+            raise ValueError(f"image_tokens={image_tokens}: must be a square number of at most the "
+                             f"encoder's {patches} patches ({math.isqrt(patches)} x {math.isqrt(patches)})")
         heads = lm.config.num_attention_heads
         self.projector = Projector(encoder.config.hidden_size, lm.config.hidden_size, heads,
                                    projector_layers)
         self.projector.to(next(lm.parameters()).dtype)
 
     @property
-    def image_tokens(self) -> int:
-        """P: image tokens per image, one per SigLIP patch (no class token)."""
+    def lm(self):
+        return self.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.language_model.parameters()).device
+
+    @property
+    def patches(self) -> int:
+        """P: patch features per image, one per SigLIP patch (no class token)."""
         return (self.encoder.config.image_size // self.encoder.config.patch_size) ** 2
+
+    def adapter_parameters(self, parts=("encoder", "projector")):
+        """The parameters of the named new parts (never the language model's)."""
+        modules = {"encoder": self.encoder, "projector": self.projector}
+        return [p for part in parts for p in modules[part].parameters()]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D_enc) patch features of the last encoder layer."""
         return self.encoder(pixel_values=pixel_values).last_hidden_state
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, P, D_enc) -> (N, T, D_enc), T = `image_tokens`: the sqrt(P) x sqrt(P) patch grid
+        average-pooled to sqrt(T) x sqrt(T) (fewer, coarser image tokens); identity when T = P."""
+        n, patches, dim = features.shape
+        if patches == self.image_tokens:
+            return features
+        side = math.isqrt(patches)
+        grid = features.transpose(1, 2).reshape(n, dim, side, side)                   # (N, D, s, s)
+        pooled = F.adaptive_avg_pool2d(grid, math.isqrt(self.image_tokens))            # (N, D, t, t)
+        return pooled.flatten(2).transpose(1, 2)                                        # (N, T, D)
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(B, L) ids + (N, P, D_enc) features -> (B, L, D_lm) input embeddings; the image
@@ -104,7 +138,7 @@ class Llama3V(nn.Module):
             if is_image.any():
                 raise ValueError("the batch has image tokens but no image features")
             return embeds
-        projected = self.projector(features.to(embeds.dtype))  # (N, P, D)
+        projected = self.projector(self.pool(features.to(embeds.dtype)))  # (N, T, D)
         if int(is_image.sum()) != projected.shape[0] * projected.shape[1]:
             raise ValueError(f"{int(is_image.sum())} image tokens for {projected.shape[0]} images of "
                              f"{projected.shape[1]} tokens each")
@@ -122,13 +156,19 @@ class Llama3V(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **kwargs):
-        """Greedy or sampled continuations (the new tokens only, (B, new)) of left-padded prompts;
-        `kwargs` go to the LM's `generate` (max_new_tokens, do_sample, ...)."""
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
+                 **kwargs):
+        """Greedy (or sampled) continuations of left-padded prompts -> (B, L + new) token ids, the
+        prompt first, as HF's `generate`; `kwargs` go to the LM's (max_new_tokens, ...). Greedy
+        unless `do_sample=True` (a checkpoint's generation_config may ask for sampling)."""
+        kwargs.setdefault("do_sample", False)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         embeds = self.embed(input_ids, image_features)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        new = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
     def freeze_encoder(self) -> None:
         self.encoder.requires_grad_(False).eval()
@@ -142,18 +182,19 @@ class Llama3V(nn.Module):
         self.encoder.save_pretrained(out_dir / "encoder")
         save_file(self.projector.state_dict(), str(out_dir / "projector.safetensors"))
         (out_dir / "llama3v.json").write_text(json.dumps(
-            {"image_token_id": self.image_token_id, "projector_layers": len(self.projector.blocks)}))
+            {"image_token_id": self.image_token_id, "projector_layers": len(self.projector.blocks),
+             "image_tokens": self.image_tokens}))
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "Llama3V":
+    def load(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> "Llama3V":
         from safetensors.torch import load_file
         from transformers import LlamaForCausalLM, SiglipVisionModel
 
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / "llama3v.json").read_text())
-        model = cls(LlamaForCausalLM.from_pretrained(model_dir / "lm"),
-                    SiglipVisionModel.from_pretrained(model_dir / "encoder"),
-                    meta["image_token_id"], meta["projector_layers"])
+        model = cls(LlamaForCausalLM.from_pretrained(model_dir / "lm", dtype=dtype),
+                    SiglipVisionModel.from_pretrained(model_dir / "encoder", dtype=dtype),
+                    meta["image_token_id"], meta["projector_layers"], meta.get("image_tokens"))
         model.projector.load_state_dict(load_file(str(model_dir / "projector.safetensors")))
         return model
 
@@ -171,7 +212,7 @@ def image_key(path: str | Path) -> str:
 
 
 class Llama3VCollator:
-    """`collate_fn` over normalised vision_chat (or vision_prompt) records for `Llama3V`.
+    """`collate_fn` over normalised vision_chat (vision_prompt, image_text) records for `Llama3V`.
 
     Each `<|image|>` of the chat-formatted text becomes `image_tokens` copies (labels -100), so a
     sequence is longer than its text by n * (P - 1). Returns input_ids, attention_mask, labels
@@ -185,7 +226,8 @@ class Llama3VCollator:
         self.encoder = VisionEncoder(tokenizer, None, max_length, limits)
         self.processor, self.image_tokens = processor, image_tokens
         self.pixels, self.limits = pixels, limits
-        self.encode = {"vision_chat": self.encoder.chat, "vision_prompt": self.encoder.prompt}[kind]
+        self.encode = {"vision_chat": self.encoder.chat, "vision_prompt": self.encoder.prompt,
+                       "image_text": self.encoder.image_text}[kind]
         self.padding_side = "left" if kind == "vision_prompt" else "right"
         self.pad_id = pad_id(tokenizer)
 
@@ -223,14 +265,19 @@ class Llama3VCollator:
 
 # ---- the feature cache --------------------------------------------------------------------------
 
+_NOT_THE_ENCODER = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+
+
 def encoder_fingerprint(encoder, processor) -> str:
     """16 hex digits over the encoder's config, its weights and the image preprocessing: cached
     features are only valid for exactly this encoder."""
     digest = hashlib.sha256()
-    digest.update(encoder.config.to_json_string().encode())
+    # where the encoder was loaded from is not part of it (a stage's saved copy is the same encoder)
+    config = {k: v for k, v in encoder.config.to_dict().items() if k not in _NOT_THE_ENCODER}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(json.dumps(processor.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -292,6 +339,43 @@ class FeatureCache:
         os.replace(tmp, path)
 
 
+class CachedFeatures:
+    """Wraps a `Llama3VCollator(pixels=False)`: each batch's `image_keys` become
+    `image_features` (N, P, D_enc) read from `cache`, so the model never runs its encoder."""
+
+    def __init__(self, collator: Llama3VCollator, cache: "FeatureCache"):
+        self.collator, self.cache = collator, cache
+
+    def __call__(self, records: list[dict]) -> dict:
+        batch = self.collator(records)
+        keys = batch.pop("image_keys")
+        if keys:
+            batch["image_features"] = self.cache.load(keys)
+        return batch
+
+
+# ---- building from a recipe ---------------------------------------------------------------------
+
+def build(path: str, options, tokenizer, dtype: torch.dtype | None = None) -> "Llama3V":
+    """A Llama text checkpoint at `path` + a fresh projector and an encoder as `options`
+    (alignloop.vision.config.Llama3VOptions) say: "tiny" (random, seeded, `encoder_options` over
+    TINY_ENCODER) or a SigLIP checkpoint (SiglipVisionModel or SiglipModel, local or cached)."""
+    from transformers import LlamaForCausalLM, SiglipVisionModel
+
+    from alignloop.vision.data import image_token_id
+
+    lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        if options.encoder == "tiny":
+            encoder = tiny_encoder(options.seed, **options.encoder_options)
+        else:
+            encoder = SiglipVisionModel.from_pretrained(options.encoder, dtype=dtype)
+        torch.manual_seed(options.seed)
+        model = Llama3V(lm, encoder.eval(), image_token_id(tokenizer), options.projector_layers,
+                        options.image_tokens)
+    return model.to(dtype) if dtype is not None else model
+
+
 # ---- a short training loop ----------------------------------------------------------------------
 
 def train(model: Llama3V, loader, steps: int, lr: float = 1e-3, cache: FeatureCache | None = None,
@@ -339,5 +423,5 @@ def _cycle(loader):
         yield from loader
 
 
-__all__ = ["IMAGE_TOKEN", "Llama3V", "Llama3VCollator", "FeatureCache", "Projector", "image_key",
+__all__ = ["IMAGE_TOKEN", "Llama3V", "Llama3VCollator", "CachedFeatures", "FeatureCache", "build", "Projector", "image_key",
            "image_processor", "tiny_encoder", "train"]
