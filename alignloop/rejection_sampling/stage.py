@@ -323,7 +323,8 @@ def _score(candidates: list[dict], records: list[dict], scoring, scorer, ctx: St
 
 def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int,
            min_score: float | None = None, keep_truncated: bool = False, pairs: bool = True,
-           min_gap: float = 0.0, min_verifier_score: float | None = None) -> Selection:
+           min_gap: float = 0.0, min_verifier_score: float | None = None,
+           best_record=None, pair_record=None) -> Selection:
     """The best answer (and the best/worst pair) of each prompt in `prompts` (prompt_id ->
     original messages), in that order; candidates may come in any order.
 
@@ -332,8 +333,11 @@ def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int
     non-empty samples, ties to the lowest index. A pair needs best - worst > min_gap and two
     different texts. With `min_verifier_score`, a best that scores below it on any verifier that
     applies (not None) is not kept, nor paired. Raises ValueError for a candidate whose prompt_id
-    is not in `prompts`.
+    is not in `prompts`. `best_record(prompt, best, round)` and `pair_record(prompt, best, worst,
+    round)` build the kept rows (default: text chat and preference records; vision rejection
+    sampling passes its own).
     """
+    best_record, pair_record = best_record or _best_record, pair_record or _pair_record
     by_prompt: dict[str, list[dict]] = {pid: [] for pid in prompts}
     for candidate in candidates:
         if candidate["prompt_id"] not in by_prompt:
@@ -358,14 +362,14 @@ def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int
                 v is not None and v < min_verifier_score for v in best["scores"]["verifiers"].values()):
             out.skipped["unverified"] += 1
             continue
-        out.best.append(_best_record(prompts[prompt_id], best, round))
+        out.best.append(best_record(prompts[prompt_id], best, round))
         if pairs:
             worst = min(usable, key=_total)
             reason = _pair_problem(best, worst, min_gap)
             if reason:
                 out.skipped[reason] += 1
             else:
-                out.pairs.append(_pair_record(prompts[prompt_id], best, worst, round))
+                out.pairs.append(pair_record(prompts[prompt_id], best, worst, round))
     return out
 
 

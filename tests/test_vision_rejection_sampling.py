@@ -1,0 +1,249 @@
+"""Vision rejection sampling (issue 4, item 5): K samples per image prompt, the argmax kept as
+vision SFT data, best vs worst as vision preference pairs, every candidate written; the vision
+reward model scores; a later sft trains on the kept samples; recipes are checked."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignloop.config import RecipeError, load_recipe
+from alignloop.pipeline.context import StageContext
+from alignloop.vision import rejection_sampling as vrs
+
+WORDS = ["purple", "circle", "", "red", "square", "left", "triangle", "blue", "right"]
+
+
+def _recipe(tmp_path, stages, **sections):
+    spec = {"output_dir": str(tmp_path / "run"), "model": {"path": "builtin:tiny"},
+            "vision": {"adapter_config": {"encoder": "tiny", "cross_attention_every": 2},
+                       "stages": stages, **sections}}
+    return load_recipe(spec)
+
+
+def _rs(count=12, **options):
+    return {"prompts": [{"builtin": "shapes", "split": "train", "count": count}], "num_samples": 4,
+            "temperatures": [1.0], "max_new_tokens": 4, "batch_size": 5,
+            "scoring": {"reward_model": 0, "verifiers": {"shapes": 1.0}}, **options}
+
+
+def _ctx(tmp_path, policy, reward_model=None):
+    return StageContext(name="vision_rejection_sampling", round=1, policy=str(policy), base=str(policy),
+                        seed=1, work_dir=tmp_path / ".work", log_dir=tmp_path / "logs",
+                        reward_model=reward_model)
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _argmax(candidates, keep_truncated=False):
+    """prompt_id -> sample_id of the highest total among non-empty (and, unless keep_truncated,
+    complete) samples, ties to the lowest sample index: what the stage must keep."""
+    best = {}
+    for c in sorted(candidates, key=lambda c: int(c["sample_id"].rpartition(":")[2])):
+        if not c["completion"].strip() or (c["finish_reason"] == "length" and not keep_truncated):
+            continue
+        if c["prompt_id"] not in best or c["scores"]["total"] > best[c["prompt_id"]]["scores"]["total"]:
+            best[c["prompt_id"]] = c
+    return {pid: c["sample_id"] for pid, c in best.items()}
+
+
+def test_keeps_the_argmax_and_pairs_the_best_with_the_worst(tmp_path, tiny_dir, monkeypatch):
+    """Generation replaced by a fixed cycle over WORDS (one empty answer in 9), scored by the
+    shapes verifier: a prompt's best is its first sample that names the right answer (1.0),
+    else its first non-empty one (all 0.0: no pair); chosen always outscores rejected."""
+    drawn = iter(range(10_000))
+
+    def fake(policy, tokenizer, batch, n, temperature, top_p, max_new_tokens):
+        return [[(WORDS[next(drawn) % len(WORDS)], "stop") for _ in range(n)]
+                for _ in range(len(batch["input_ids"]))]
+
+    monkeypatch.setattr(vrs, "generate_samples", fake)
+    cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs())
+    metrics = vrs.run(cfg, _ctx(tmp_path, tiny_dir), tmp_path / "out")
+
+    candidates = _rows(tmp_path / "out" / "candidates.jsonl")
+    by_prompt = {}
+    for c in candidates:
+        by_prompt.setdefault(c["prompt_id"], []).append(c["sample_id"])
+    assert len(by_prompt) == 12 and all(len(ids) == 4 for ids in by_prompt.values())
+    assert all(sorted(ids) == [f"{pid}:{k}" for k in range(4)] for pid, ids in by_prompt.items())
+    assert all(c["scores"]["verifiers"]["shapes"] == float(c["completion"] == c["answer"])
+               for c in candidates)
+
+    best = _rows(tmp_path / "out" / "best.jsonl")
+    expected = _argmax(candidates)
+    assert {b["metadata"]["prompt_id"]: b["id"] for b in best} == expected
+    prompts = {c["prompt_id"]: c["prompt"] for c in candidates}
+    for b in best:  # vision_chat: the prompt with its image path, then the kept answer
+        assert b["messages"][:-1] == prompts[b["metadata"]["prompt_id"]]
+        assert b["messages"][0]["content"][0]["type"] == "image"
+        assert Path(b["messages"][0]["content"][0]["path"]).is_file()
+    right = {c["prompt_id"] for c in candidates if c["scores"]["total"] == 1.0}
+    assert right and len(right) < 12  # both cases happen
+
+    pairs = _rows(tmp_path / "out" / "pairs.jsonl")
+    assert {p["prompt_id"] for p in pairs} == right
+    assert all(p["metadata"]["chosen_score"] > p["metadata"]["rejected_score"] for p in pairs)
+    assert metrics["best_kept"] == len(best) == 12 and metrics["pairs"] == len(pairs)
+    assert metrics["skipped"]["empty_sample"] == sum(not c["completion"] for c in candidates) > 0
+    assert metrics["skipped"]["pair_small_gap"] == 12 - len(right)
+
+
+def test_samples_from_the_model_reproducibly(tmp_path, tiny_dir):
+    """Real sampling from the (untrained) tiny vision model: K rows per prompt, the sampling
+    settings recorded, the same candidates on a rerun with the same seed."""
+    cfg = _recipe(tmp_path, ["rejection_sampling"],
+                  rejection_sampling=_rs(count=4, num_samples=3, keep_truncated=True))
+    first = vrs.run(cfg, _ctx(tmp_path, tiny_dir), tmp_path / "a")
+    vrs.run(cfg, _ctx(tmp_path, tiny_dir), tmp_path / "b")
+    a, b = _rows(tmp_path / "a" / "candidates.jsonl"), _rows(tmp_path / "b" / "candidates.jsonl")
+    assert len(a) == 12 and [c["completion"] for c in a] == [c["completion"] for c in b]
+    assert len({c["completion"] for c in a}) > 1  # sampled, not greedy
+    assert a[0]["generator"]["temperature"] == 1.0 and a[0]["generator"]["n"] == 3
+    best = _rows(tmp_path / "a" / "best.jsonl")
+    assert {r["metadata"]["prompt_id"]: r["id"] for r in best} == _argmax(a, keep_truncated=True)
+    assert first["samples"] == 12 and first["best_kept"] == 4
+
+
+def test_the_vision_reward_model_scores_the_samples(tmp_path, tiny_dir):
+    """A vision reward model on disk (fresh score head on the tiny vision model, saved as the
+    vision_reward stage saves it): each candidate's reward equals the model's own score of
+    (prompt, answer), and the kept answer is the one it scores highest."""
+    from alignloop.vision.data import VisionCollator
+    from alignloop.vision.reward import VisionRewardModel, save_score
+    from alignloop.vision.stage import (image_processor_for, load_vision_model, load_vision_tokenizer,
+                                        save_vision_model)
+
+    cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs(
+        count=3, num_samples=3, keep_truncated=True, reward_model=str(tmp_path),
+        scoring={"reward_model": 1.0}))
+    tokenizer = load_vision_tokenizer(cfg, str(tiny_dir))
+    vision = load_vision_model(cfg, str(tiny_dir), tokenizer)
+    torch.manual_seed(0)
+    rm = VisionRewardModel(vision).eval()
+    processor = image_processor_for(cfg, vision)
+    save_vision_model(vision, tokenizer, processor, tmp_path / "rm")
+    save_score(rm, tmp_path / "rm")
+
+    vrs.run(cfg, _ctx(tmp_path, tiny_dir, reward_model=tmp_path / "rm"), tmp_path / "out")
+    candidates = _rows(tmp_path / "out" / "candidates.jsonl")
+    collator = VisionCollator(tokenizer, processor, "vision_chat")
+    with torch.no_grad():
+        expected = rm(**collator([{"id": c["sample_id"], "messages": c["prompt"] + [
+            {"role": "assistant", "content": [{"type": "text", "text": c["completion"]}]}]}
+            for c in candidates])).tolist()
+    assert [c["scores"]["reward_model"] for c in candidates] == pytest.approx(expected, abs=1e-4)
+    best = _rows(tmp_path / "out" / "best.jsonl")
+    assert {r["metadata"]["prompt_id"]: r["id"] for r in best} == _argmax(candidates, keep_truncated=True)
+
+
+def test_vision_rejection_sampling_recipes_are_checked(tmp_path):
+    base = {"model": {"path": "builtin:tiny"}}
+
+    def load(stages, **sections):
+        return load_recipe({**base, "vision": {"stages": stages, **sections}})
+
+    with pytest.raises(RecipeError, match=r"vision.rejection_sampling.num_samples: building best/worst "
+                                          r"pairs needs at least 2"):
+        load(["rejection_sampling"], rejection_sampling=_rs(num_samples=1))
+    assert load(["rejection_sampling"], rejection_sampling=_rs(num_samples=1, pairs=False))
+    with pytest.raises(RecipeError, match=r"vision.rejection_sampling.scoring.reward_model: weight 1 "
+                                          r"but no vision reward model"):
+        load(["rejection_sampling"], rejection_sampling=_rs(scoring={"verifiers": {"shapes": 1.0}}))
+    with pytest.raises(RecipeError, match=r"vision.rejection_sampling.scoring: nothing scores"):
+        load(["rejection_sampling"], rejection_sampling=_rs(scoring={"reward_model": 0}))
+    with pytest.raises(RecipeError, match=r"vision.rejection_sampling.prompts: rejection sampling needs"):
+        load(["rejection_sampling"], rejection_sampling={**_rs(), "prompts": []})
+    with pytest.raises(RecipeError, match="reward must run before rejection_sampling"):
+        load(["rejection_sampling", "reward"], rejection_sampling=_rs(),
+             reward={"data": [{"builtin": "shapes", "split": "train", "count": 8}]})
+    # sft and dpo after rejection sampling need no data of their own; before it they do
+    assert load(["rejection_sampling", "sft", "dpo"], rejection_sampling=_rs())
+    with pytest.raises(RecipeError, match="vision.sft.data: the vision sft stage needs"):
+        load(["sft", "rejection_sampling"], rejection_sampling=_rs())
+    with pytest.raises(RecipeError, match="vision.sft.kind: an sft after rejection_sampling"):
+        load(["rejection_sampling", "sft"], rejection_sampling=_rs(), sft={"kind": "image_text"})
+
+
+def test_plan_wires_the_reward_model_and_the_samples_downstream(tmp_path):
+    """[adapter, reward, rejection_sampling, sft, dpo]: RS is scored by the reward stage's model
+    and changes neither the policy nor the reward model; sft reads best.jsonl, dpo pairs.jsonl;
+    their keys change when the rejection-sampling section does."""
+    from alignloop.vision.runner import plan
+
+    data = [{"builtin": "shapes", "split": "train", "count": 8}]
+    sections = dict(adapter={"data": data}, reward={"data": data},
+                    rejection_sampling=_rs(scoring={"reward_model": 1.0}))
+    cfg = _recipe(tmp_path, ["adapter", "reward", "rejection_sampling", "sft", "dpo"], **sections)
+    steps, _ = plan(cfg, tmp_path / "run")
+    ctx = {c.name: c for c, _, _ in steps}
+    stage_dir = tmp_path / "run" / "round_1"
+    assert ctx["vision_rejection_sampling"].reward_model == stage_dir / "vision_reward" / "model"
+    assert ctx["vision_rejection_sampling"].policy == str(stage_dir / "vision_adapter" / "model")
+    assert ctx["vision_sft"].policy == str(stage_dir / "vision_adapter" / "model")
+    assert ctx["vision_sft"].inputs == {"rs_best": [stage_dir / "vision_rejection_sampling" / "best.jsonl"]}
+    assert ctx["vision_dpo"].inputs == {"rs_pairs": [stage_dir / "vision_rejection_sampling" / "pairs.jsonl"]}
+    other = _recipe(tmp_path, ["adapter", "reward", "rejection_sampling", "sft", "dpo"],
+                    **{**sections, "rejection_sampling": _rs(scoring={"reward_model": 1.0}, num_samples=6)})
+    keys = {c.name: k for c, k, _ in steps}
+    changed = {c.name: k for c, k, _ in plan(other, tmp_path / "run")[0]}
+    assert [n for n in keys if keys[n] != changed[n]] == ["vision_rejection_sampling", "vision_sft",
+                                                          "vision_dpo"]
+
+
+def test_adapter_then_rejection_sampling_then_sft_trains_on_the_kept_samples(tmp_path, capsys):
+    """The shapes demo, tiny: adapter -> rejection_sampling (the shapes verifier) -> sft with no
+    data of its own. SFT trains on exactly the best samples RS kept; a rerun skips every stage."""
+    from alignloop.vision.runner import run
+
+    train = dict(per_device_train_batch_size=8, learning_rate=3.0e-3, num_train_epochs=1,
+                 logging_steps=1, save_steps=100, max_length=64)
+    sections = dict(adapter={"data": [{"builtin": "shapes", "split": "train", "count": 32}], **train},
+                    rejection_sampling=_rs(count=8, num_samples=2, keep_truncated=True),
+                    sft={"train": ["cross_attention"], **train})
+    cfg = _recipe(tmp_path, ["adapter", "rejection_sampling", "sft"], **sections)
+    result = run(cfg)
+    rs = result.stages["round_1/vision_rejection_sampling"].metrics
+    sft_dir = tmp_path / "run" / "round_1" / "vision_sft"
+    kept = _rows(tmp_path / "run" / "round_1" / "vision_rejection_sampling" / "best.jsonl")
+    assert rs["best_kept"] == len(kept) == 8
+    trained_on = _rows(sft_dir / "data.jsonl")
+    assert len(trained_on) == rs["best_kept"]
+    assert sorted(r["id"] for r in trained_on) == sorted(r["id"] for r in kept)
+    sft = json.loads((sft_dir / "metrics.json").read_text())
+    assert [d["used"] for d in sft["data"]] == [8] and sft["steps"] == 1
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["round_1/vision_rejection_sampling"]["status"] == "complete"
+    again = run(_recipe(tmp_path, ["adapter", "rejection_sampling", "sft"], **sections))
+    assert all(stage.skipped for stage in again.stages.values())
+
+
+def test_the_reward_stage_scores_and_dpo_trains_on_the_pairs(tmp_path):
+    """[adapter, reward, rejection_sampling, dpo] in one run: the samples are scored by the
+    reward stage's model (a reward on every candidate, none from verifiers), and DPO, with no
+    data of its own, trains on exactly the pairs kept."""
+    from alignloop.vision.runner import run
+
+    train = dict(per_device_train_batch_size=8, learning_rate=3.0e-3, num_train_epochs=1,
+                 logging_steps=1, save_steps=100, max_length=64)
+    data = [{"builtin": "shapes", "split": "train", "count": 16}]
+    cfg = _recipe(tmp_path, ["adapter", "reward", "rejection_sampling", "dpo"],
+                  adapter={"data": data, **train}, reward={"data": data, **train},
+                  rejection_sampling=_rs(count=6, num_samples=3, keep_truncated=True,
+                                         scoring={"reward_model": 1.0}),
+                  dpo={"train": ["cross_attention"], **train})
+    result = run(cfg)
+    stage_dir = tmp_path / "run" / "round_1"
+    candidates = _rows(stage_dir / "vision_rejection_sampling" / "candidates.jsonl")
+    assert len(candidates) == 18
+    assert all(isinstance(c["scores"]["reward_model"], float) and c["scores"]["verifiers"] == {}
+               for c in candidates)
+    rs = result.stages["round_1/vision_rejection_sampling"].metrics
+    assert rs["scoring"]["reward_model"] == str(stage_dir / "vision_reward" / "model")
+    pairs = _rows(stage_dir / "vision_rejection_sampling" / "pairs.jsonl")
+    assert rs["pairs"] == len(pairs) > 0
+    trained_on = _rows(stage_dir / "vision_dpo" / "data.jsonl")
+    assert sorted(r["prompt_id"] for r in trained_on) == sorted(p["prompt_id"] for p in pairs)
