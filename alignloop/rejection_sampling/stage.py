@@ -106,10 +106,7 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     metrics = _metrics(candidates, selection, groups, records, timing, scorer, cfg)
     metrics["data"] = data_report
     metrics["seconds"] = round(time.time() - started, 1)
-    _write(out_dir, candidates, selection, metrics, rs.pairs)
-    logger.info("%s: %d prompts, %d samples, %d best kept, %d pairs, skipped %s", ctx.label,
-                len(records), len(candidates), len(selection.best), len(selection.pairs),
-                {k: v for k, v in selection.skipped.items() if v} or "nothing")
+    _write(out_dir, candidates, selection, metrics, rs.pairs, ctx.label, len(records))
     return metrics
 
 
@@ -441,7 +438,9 @@ def _metrics(candidates, selection: Selection, groups: list[Group], records, tim
     }
 
 
-def _write(out_dir: Path, candidates, selection: Selection, metrics: dict, pairs: bool) -> None:
+def _write(out_dir: Path, candidates, selection: Selection, metrics: dict, pairs: bool,
+           label: str, prompts: int) -> None:
+    """Writes the stage's files (metrics.json last, atomically) and logs what was kept."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "candidates.jsonl", candidates)
     write_jsonl(out_dir / "best.jsonl", selection.best)
@@ -450,3 +449,6 @@ def _write(out_dir: Path, candidates, selection: Selection, metrics: dict, pairs
     tmp = out_dir / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str))
     os.replace(tmp, out_dir / "metrics.json")
+    logger.info("%s: %d prompts, %d samples, %d best kept, %d pairs, skipped %s", label, prompts,
+                len(candidates), len(selection.best), len(selection.pairs),
+                {k: v for k, v in selection.skipped.items() if v} or "nothing")

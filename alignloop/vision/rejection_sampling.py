@@ -81,10 +81,7 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
                     "weights": rs.scoring.model_dump()},
         **timing, "data": report, "seconds": round(time.time() - started, 1),
     }
-    _write(out_dir, candidates, selection, metrics, rs.pairs)
-    logger.info("%s: %d prompts, %d samples, %d best kept, %d pairs, skipped %s", ctx.label,
-                len(records), len(candidates), len(selection.best), len(selection.pairs),
-                {k: v for k, v in selection.skipped.items() if v} or "nothing")
+    _write(out_dir, candidates, selection, metrics, rs.pairs, ctx.label, len(records))
     return metrics
 
 
