@@ -8,6 +8,8 @@ compared to 1e-3 relative, far below what a wrong token, mask or normalisation w
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -116,9 +118,20 @@ def test_a_lora_lm_head_is_refused_with_the_reason():
         fused_head.install(model)
 
 
-def test_auto_turns_on_from_4096_tokens():
+def test_auto_turns_on_from_4096_tokens(monkeypatch):
+    monkeypatch.setattr(fused_head, "AUTO_MIN_LENGTH", 4096)  # whatever the environment says
     assert not fused_head.wanted("auto", 1024) and fused_head.wanted("auto", 4096)
     assert fused_head.wanted(True, 16) and not fused_head.wanted(False, 131072)
+
+
+def test_the_environment_moves_auto_s_threshold():
+    code = "from alignloop.kernels import fused_head as f; print(f.AUTO_MIN_LENGTH, f.wanted('auto', 96))"
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNLOOP_FUSED_LOSS_MIN_LENGTH"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    always = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "ALIGNLOOP_FUSED_LOSS_MIN_LENGTH": "0"})
+    assert default.stdout.split() == ["4096", "False"], default.stderr[-2000:]
+    assert always.stdout.split() == ["0", "True"], always.stderr[-2000:]
 
 
 # ---- trainers ---------------------------------------------------------------------------------
