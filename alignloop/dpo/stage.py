@@ -103,7 +103,7 @@ def pairs_dataset(records: list[dict], work_dir: Path):
 
 def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignloop.checkpoints import last_checkpoint
 
     from alignloop.dpo.trainer import completion_log_probs, make_trainer, use_fused_loss
     from alignloop.models.loading import load_tokenizer
@@ -125,7 +125,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
                          f"{args.max_length}; raise it or shorten the prompts")
 
     before = completion_log_probs(trainer, trainer.train_dataset, PROBE_PAIRS)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming dpo from %s", last)
     result = trainer.train(resume_from_checkpoint=last)

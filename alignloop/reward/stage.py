@@ -107,7 +107,7 @@ def _train(cfg: Recipe, ctx: StageContext, model, tokenizer, args, train: list[d
            held_out: list[dict]):
     """TRL's RewardTrainer on the pairs, resumed from the last checkpoint in work_dir.
     Returns (trainer, train result, indices of the pairs TRL kept, checkpoint resumed from)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignloop.checkpoints import last_checkpoint
     from trl import RewardTrainer
 
     lora = cfg.reward.method == "lora"
@@ -119,7 +119,7 @@ def _train(cfg: Recipe, ctx: StageContext, model, tokenizer, args, train: list[d
     if not kept:
         raise StageError(f"{ctx.label}: every training pair is longer than max_length "
                          f"({args.max_length} tokens); raise reward.max_length")
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming the reward model from %s", last)
     return trainer, trainer.train(resume_from_checkpoint=last), kept, last

@@ -91,7 +91,7 @@ def training_records(cfg: Recipe, ctx: StageContext) -> tuple[list[dict], list[d
 
 def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignloop.checkpoints import last_checkpoint
     from trl import SFTTrainer
 
     start = time.time()
@@ -116,7 +116,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     fused = fused_head.wanted(cfg.sft.fused_loss, args.max_length)
     if fused:  # our fused linear + cross-entropy in place of TRL's LM head (docs/long_context.md)
         fused_head.install(trainer.model)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming sft from %s", last)
     result = trainer.train(resume_from_checkpoint=last)

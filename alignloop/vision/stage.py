@@ -52,7 +52,7 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
 
 def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignloop.checkpoints import last_checkpoint
 
     from alignloop.vision.data import VisionCollator
 
@@ -77,7 +77,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         collator = _WithReference(collator)
         trainer_class, extra = VisionDPOTrainer, {"beta": section.beta, "nll_weight": section.nll_weight}
     trainer = trainer_class(model=model, args=args, train_dataset=records, data_collator=collator, **extra)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming %s from %s", ctx.label, last)
     result = trainer.train(resume_from_checkpoint=last)
@@ -377,7 +377,7 @@ def _run_reward(cfg: Recipe, ctx: StageContext, section, parts, records, report,
     """Trains a score head with the encoder and cross-attention layers (self-attention frozen);
     writes model/ (Mllama + score.safetensors), data.jsonl and metrics.json with the held-out
     pairwise accuracy before and after (eval_data, else the first 256 training pairs)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignloop.checkpoints import last_checkpoint
 
     from alignloop.vision.data import VisionCollator
     from alignloop.vision.reward import (VisionRewardModel, load_text_reward_model, pairwise_accuracy,
@@ -398,7 +398,7 @@ def _run_reward(cfg: Recipe, ctx: StageContext, section, parts, records, report,
     before = pairwise_accuracy(model, held_out, collator, args.per_device_eval_batch_size)
     trainer = VisionRewardTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
                                   penalty=section.penalty)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
     after = pairwise_accuracy(model, held_out, collator, args.per_device_eval_batch_size)
     finish_training(vision)
