@@ -104,7 +104,6 @@ def test_pairs_come_from_rankings_and_rejection_sampling(tmp_path):
 def test_safety_pairs_join_at_the_dpo_ratio(tmp_path):
     """safety.dpo_ratio 0.2 on 8 user pairs: round(8 * 0.2 / 0.8) = 2 safety pairs join, marked
     by metadata.safety (the safety section's own mixing, alignloop.safety.mixing)."""
-    pytest.importorskip("alignloop.safety.mixing")
     from alignloop.dpo.stage import preference_pairs
 
     data = write_pairs(tmp_path / "user.jsonl", [
