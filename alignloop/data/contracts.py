@@ -97,7 +97,7 @@ def _chat(obj: dict) -> dict:
     if last != "assistant":
         raise FieldError(f"messages.{len(messages) - 1}.role",
                          f"a chat must end with an assistant turn, got {last!r}")
-    return {"id": _id(obj, "id", messages), "messages": messages, **_kept(obj)}
+    return {"id": record_id(obj, "id", messages), "messages": messages, **_kept(obj)}
 
 
 def _prompt_record(obj: dict) -> dict:
@@ -105,7 +105,7 @@ def _prompt_record(obj: dict) -> dict:
         raise FieldError("messages", "set 'prompt' or 'messages', not both")
     key = "messages" if obj.get("prompt") is None and obj.get("messages") is not None else "prompt"
     prompt = _prompt(_present(obj, key, "prompt"), key)
-    return {"prompt_id": _id(obj, "prompt_id", prompt), "prompt": prompt,
+    return {"prompt_id": record_id(obj, "prompt_id", prompt), "prompt": prompt,
             **_kept(obj, ("answer", "metadata"))}
 
 
@@ -115,7 +115,7 @@ def _preference(obj: dict) -> dict:
     rejected = _completion(_present(obj, "rejected", "preference"), "rejected")
     if chosen == rejected:
         raise FieldError("rejected", "identical to chosen")
-    return {"prompt_id": _id(obj, "prompt_id", prompt), "prompt": prompt,
+    return {"prompt_id": record_id(obj, "prompt_id", prompt), "prompt": prompt,
             "chosen": chosen, "rejected": rejected, **_kept(obj)}
 
 
@@ -129,7 +129,7 @@ def _ranking(obj: dict) -> dict:
         if key in seen:
             raise FieldError(field, f"identical to {seen[key]}")
         seen[key] = field
-    return {"prompt_id": _id(obj, "prompt_id", prompt), "prompt": prompt,
+    return {"prompt_id": record_id(obj, "prompt_id", prompt), "prompt": prompt,
             "responses": responses, **_kept(obj)}
 
 
@@ -156,7 +156,7 @@ def _document(obj: dict) -> dict:
         raise FieldError("text", "empty document")
     if obj.get("title") is not None:
         _string(obj["title"], "title")
-    return {"id": _id(obj, "id", text), "text": text, **_kept(obj, ("title", "metadata"))}
+    return {"id": record_id(obj, "id", text), "text": text, **_kept(obj, ("title", "metadata"))}
 
 
 _VALIDATORS = {"chat": _chat, "prompt": _prompt_record, "preference": _preference,
@@ -240,11 +240,11 @@ def _string(value: Any, field: str, hint: str = "") -> str:
     return value
 
 
-def _id(obj: dict, key: str, messages: list[dict]) -> str:
-    """obj[key] as a string (ints accepted), or a stable hash of `messages` when absent."""
+def record_id(obj: dict, key: str, content: Any) -> str:
+    """obj[key] as a string (ints accepted), or a stable hash of `content` when absent."""
     value = obj.get(key)
     if value is None:
-        return stable_id(messages)
+        return stable_id(content)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str) or not value.strip():

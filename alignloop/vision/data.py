@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from alignloop.data.contracts import ROLES, stable_id
+from alignloop.data.contracts import ROLES, record_id, stable_id
 from alignloop.data.errors import DataError, FieldError
 from alignloop.data.masks import IGNORE_INDEX, assistant_mask
 
@@ -166,13 +166,13 @@ def _vision_chat(obj: dict, images: "_ImageList") -> dict:
     if messages[-1]["role"] != "assistant":
         raise FieldError(f"messages.{len(messages) - 1}.role",
                          f"a chat must end with an assistant turn, got {messages[-1]['role']!r}")
-    return {"id": _id(obj, "id", messages), "messages": messages}
+    return {"id": record_id(obj, "id", messages), "messages": messages}
 
 
 def _vision_prompt(obj: dict, images: "_ImageList") -> dict:
     key = "messages" if obj.get("prompt") is None and obj.get("messages") is not None else "prompt"
     prompt = _prompt(_present(obj, key, "vision_prompt"), key, images)
-    out = {"prompt_id": _id(obj, "prompt_id", prompt), "prompt": prompt}
+    out = {"prompt_id": record_id(obj, "prompt_id", prompt), "prompt": prompt}
     if obj.get("answer") is not None:
         out["answer"] = obj["answer"]
     return out
@@ -184,7 +184,7 @@ def _vision_preference(obj: dict, images: "_ImageList") -> dict:
     rejected = _completion(_present(obj, "rejected", "vision_preference"), "rejected", images)
     if chosen == rejected:
         raise FieldError("rejected", "identical to chosen")
-    return {"prompt_id": _id(obj, "prompt_id", prompt), "prompt": prompt,
+    return {"prompt_id": record_id(obj, "prompt_id", prompt), "prompt": prompt,
             "chosen": chosen, "rejected": rejected}
 
 
@@ -202,7 +202,7 @@ def _image_text(obj: dict, images: "_ImageList") -> dict:
     parts = _text_parts(text, "text", images)
     if not any(part["type"] == "image" for part in parts):
         parts = [images.take("text") for _ in range(len(images.items))] + parts
-    return {"id": _id(obj, "id", parts), "content": parts}
+    return {"id": record_id(obj, "id", parts), "content": parts}
 
 
 _VALIDATORS = {"vision_chat": _vision_chat, "vision_prompt": _vision_prompt,
@@ -334,17 +334,6 @@ def _present(obj: dict, key: str, kind: str) -> Any:
     if obj.get(key) is None:
         raise FieldError(key, f"missing (a {kind} record looks like {_SHAPES[kind]})")
     return obj[key]
-
-
-def _id(obj: dict, key: str, value: Any) -> str:
-    given = obj.get(key)
-    if given is None:
-        return stable_id(value)
-    if isinstance(given, int) and not isinstance(given, bool):
-        return str(given)
-    if not isinstance(given, str) or not given.strip():
-        raise FieldError(key, "expected a non-empty string")
-    return given
 
 
 def image_paths(record: dict) -> list[str]:
