@@ -335,23 +335,35 @@ def _stage_function(name: str):
 
 
 def _execute(cfg: Recipe, run_dir: Path, step: Step) -> StageResult:
-    """Runs one stage into `.work/.../out` and renames it into place, or skips it when complete."""
+    section = getattr(cfg, step.ctx.name, None)
+    return execute_stage(run_dir, step.ctx, step.key,
+                         lambda staging: _stage_function(step.ctx.name)(step.cfg, step.ctx, staging),
+                         {"inputs": {k: [str(p) for p in v] for k, v in step.ctx.inputs.items()},
+                          "consumes": step.consumes},
+                         keep_checkpoints=bool(getattr(section, "keep_checkpoints", False)))
+
+
+def execute_stage(run_dir: Path, ctx: StageContext, key: str, run, record: dict, *,
+                  keep_checkpoints: bool) -> StageResult:
+    """Runs one stage (`run(staging_dir) -> metrics`) into `.work/.../out` and renames it into
+    place, recording it in the manifest with `record`'s fields; or skips it when complete under
+    the same key. Shared by the text pipeline and the vision runner."""
     from accelerate import PartialState
 
-    state, ctx = PartialState(), step.ctx
+    state = PartialState()
     final = run_dir / ctx.label
-    record = read_manifest(run_dir).get("stages", {}).get(ctx.label, {})
-    if record.get("key") == step.key and record.get("status") == "complete" and final.is_dir():
+    done = read_manifest(run_dir).get("stages", {}).get(ctx.label, {})
+    if done.get("key") == key and done.get("status") == "complete" and final.is_dir():
         logger.info("%s: complete in %s, skipped", ctx.label, final)
-        return StageResult(ctx.name, final, record.get("metrics", {}), skipped=True, round=ctx.round)
+        return StageResult(ctx.name, final, done.get("metrics", {}), skipped=True, round=ctx.round)
     if state.is_main_process:
-        _reset_work_dir(ctx.work_dir, step.key)
+        _reset_work_dir(ctx.work_dir, key)
     state.wait_for_everyone()
     attempts = _start_attempt(ctx.work_dir, state.is_main_process)
     logger.info("%s: running (attempt %d)", ctx.label, len(attempts))
     started = time.time()
     staging = ctx.work_dir / "out"
-    metrics = _stage_function(ctx.name)(step.cfg, ctx, staging)
+    metrics = run(staging)
     if state.is_main_process:
         if final.exists():
             shutil.rmtree(final)  # an earlier result under another config
@@ -359,11 +371,10 @@ def _execute(cfg: Recipe, run_dir: Path, step: Step) -> StageResult:
         os.replace(staging, final)
         attempts[-1]["resumed_from"] = metrics.get("resumed_from")
         update_manifest(run_dir, ctx.label, {
-            "status": "complete", "key": step.key, "stage": ctx.name, "round": ctx.round,
-            "policy": ctx.policy, "inputs": {k: [str(p) for p in v] for k, v in ctx.inputs.items()},
-            "consumes": step.consumes, "attempts": attempts, "started": started,
+            "status": "complete", "key": key, "stage": ctx.name, "round": ctx.round,
+            "policy": ctx.policy, **record, "attempts": attempts, "started": started,
             "seconds": round(time.time() - started, 1), "metrics": _summary(metrics)})
-        if not getattr(cfg, ctx.name, None) or not getattr(getattr(cfg, ctx.name), "keep_checkpoints", False):
+        if not keep_checkpoints:
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
     state.wait_for_everyone()
     return StageResult(ctx.name, final, metrics, round=ctx.round)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from alignloop import __version__
 from alignloop.config import Recipe
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.runner import (RunResult, StageResult, _fingerprint, _hash, _prepare,
-                                       _reset_work_dir, _start_attempt, read_manifest,
-                                       update_manifest, write_atomic)
+                                       execute_stage, write_atomic)
 
 logger = logging.getLogger("alignloop.vision")
 ROUND = 1  # a vision recipe is one round of stages
@@ -147,29 +145,10 @@ def _execute(cfg: Recipe, run_dir: Path, ctx: StageContext, key: str, start_key:
     from alignloop.vision.stage import run as run_training
 
     run_stage = rejection_sampling.run if ctx.name == "vision_rejection_sampling" else run_training
-    final = run_dir / ctx.label
-    record = read_manifest(run_dir).get("stages", {}).get(ctx.label, {})
-    if record.get("key") == key and record.get("status") == "complete" and final.is_dir():
-        logger.info("%s: complete in %s, skipped", ctx.label, final)
-        return StageResult(ctx.name, final, record.get("metrics", {}), skipped=True, round=ctx.round)
-    _reset_work_dir(ctx.work_dir, key)
-    attempts = _start_attempt(ctx.work_dir, True)
-    logger.info("%s: running (attempt %d)", ctx.label, len(attempts))
-    started = time.time()
-    staging = ctx.work_dir / "out"
-    metrics = run_stage(cfg, ctx, staging)
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging.replace(final)
-    update_manifest(run_dir, ctx.label, {
-        "status": "complete", "key": key, "stage": ctx.name, "round": ctx.round,
-        "policy": ctx.policy, "consumes": {"policy": start_key, **_consumed(ctx)}, "attempts": attempts,
-        "started": started, "seconds": round(time.time() - started, 1),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}})
-    if not getattr(getattr(cfg.vision, ctx.name.removeprefix("vision_")), "keep_checkpoints", False):
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return StageResult(ctx.name, final, metrics, round=ctx.round)
+    section = getattr(cfg.vision, ctx.name.removeprefix("vision_"))
+    return execute_stage(run_dir, ctx, key, lambda staging: run_stage(cfg, ctx, staging),
+                         {"consumes": {"policy": start_key, **_consumed(ctx)}},
+                         keep_checkpoints=bool(getattr(section, "keep_checkpoints", False)))
 
 
 def _consumed(ctx: StageContext) -> dict:
