@@ -242,6 +242,32 @@ def test_any_other_mask_pattern_is_materialised_exactly_as_sdpa():
     assert torch.equal(ours, expected)
 
 
+def test_packed_masks_are_recognised_by_their_values_in_any_construction(caplog):
+    """transformers 5.23 built `and(packed, causal)`, 5.25 `and(causal, packed)`; both (and a
+    chunked mask, which is the same pattern) give ranges. A sliding window shorter than a
+    document or a bidirectional block is not packed-causal: the exact dense mask, logged once."""
+    from transformers.masking_utils import (and_masks, causal_mask_function, or_masks,
+                                            packed_sequence_mask_function, sdpa_mask,
+                                            sliding_window_overlay)
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1]], device=DEVICE)
+    want_lo = [[0, 0, 0, 3, 3, 5, 5, 5, 5], [0, 0, 0, 0, 0, 0, 6, 6, 6]]
+    packed = packed_sequence_mask_function(seg)
+    for fn in (and_masks(packed, causal_mask_function), and_masks(causal_mask_function, packed)):
+        ranges = hf.flash_attention_mask(2, 9, 9, mask_function=fn, device=DEVICE)
+        assert isinstance(ranges, hf.RowRanges) and ranges.dense is None
+        assert ranges.lo.tolist() == want_lo and ranges.hi.tolist() == [list(range(1, 10))] * 2
+    hf._logged.discard("dense-mask")
+    block = lambda b, h, q, kv: seg[b, q] == seg[b, kv]  # noqa: E731  (bidirectional documents)
+    for fn in (and_masks(causal_mask_function, sliding_window_overlay(2), packed),
+               or_masks(and_masks(causal_mask_function, packed), block)):
+        with caplog.at_level(logging.WARNING, logger="alignloop.kernels"):
+            ours = hf.flash_attention_mask(2, 9, 9, mask_function=fn, device=DEVICE)
+        expected = sdpa_mask(2, 9, 9, mask_function=fn, allow_is_causal_skip=False, device=DEVICE)
+        assert torch.equal(ours, expected)
+    assert sum("no compact form" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_attention_function_reads_4d_boolean_and_additive_masks():
     """Mllama's cross-attention mask is additive (0 / finfo.min); both forms give the reference."""
     mask = _tile_mask(2, 21, 4, 11)  # (B, Lq, Lk)

@@ -5,10 +5,10 @@ attention function would only ever receive `attention_mask=None`):
 
 - `flash_attention_mask` (AttentionMaskInterface) turns the model's mask request into a compact
   `RowRanges` (per query row an allowed key range) for the cases that matter at long context:
-  causal with or without padding or a KV cache, and packed documents (transformers' own
-  position-id packing closure, recognised by its structure). Any other mask pattern is
-  materialised exactly as sdpa would (`sdpa_mask`), and read back into ranges by the attention
-  function. `None` means plain causal self-attention.
+  causal with or without padding or a KV cache, and packed documents (recognised from the mask
+  function's values, never from transformers' private closures). Any other mask pattern is
+  materialised exactly as sdpa would (`sdpa_mask`, logged once), and read back into ranges by
+  the attention function. `None` means plain causal self-attention.
 - `flash_attention_forward` (AttentionInterface) accepts what a model may pass: None (causal as
   sdpa decides, packed documents from `position_ids`), `RowRanges`, a 2D key mask (B, Lk), or a
   3D/4D boolean or additive (0 / large negative) mask such as Mllama's cross-attention mask. A
@@ -74,9 +74,11 @@ def flash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offse
         if (padding is None or bool(padding.all())) and q_length == kv_length and q_off == kv_off:
             return None  # plain causal self-attention (documents come from position_ids)
         return _causal_ranges(batch_size, q_length, kv_length, q_off - kv_off, padding, device)
-    segments = _packed_segments(mask_function)
-    if segments is not None and offsets == (0, 0) and padding is None and q_length == kv_length:
-        return _packed_ranges(segments.expand(batch_size, -1).to(device))
+    if offsets == (0, 0) and padding is None and q_length == kv_length:
+        starts = _packed_starts_of(mask_function, batch_size, q_length, device)
+        if starts is not None:
+            return _packed_ranges(starts)
+    _log_once_mask(q_length, kv_length)
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                      attention_mask, **kwargs)
@@ -106,46 +108,60 @@ def _causal_ranges(batch: int, q_len: int, k_len: int, shift: int, padding, devi
     return RowRanges(lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), k_len, dense)
 
 
-def _packed_ranges(segments: torch.Tensor) -> RowRanges:
-    """Causal within each segment: segments (B, L), equal values = one document."""
-    from alignloop.kernels.ranges import segment_starts
-
-    B, L = segments.shape
-    lo = segment_starts(segments)
-    hi = (torch.arange(L, device=segments.device) + 1).expand(B, L)
-    return RowRanges(lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), L)
+def _packed_ranges(starts: torch.Tensor) -> RowRanges:
+    """Causal within each document: starts (B, L), the index of each token's document start."""
+    B, L = starts.shape
+    hi = (torch.arange(L, device=starts.device) + 1).expand(B, L)
+    return RowRanges(starts.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), L)
 
 
-def _cell(fn, name: str):
-    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+def _log_once_mask(q_length: int, kv_length: int) -> None:
+    """The compact path cannot be taken: say so once instead of silently building (L, L)."""
+    reason = "dense-mask"
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.warning("%s: this mask pattern has no compact form (padding inside packed "
+                       "documents, a sliding window, a KV-cache offset, ...); building the dense "
+                       "(B, 1, %d, %d) boolean mask as sdpa does", NAME, q_length, kv_length)
 
 
-def _packed_segments(mask_function) -> torch.Tensor | None:
-    """The (B, L) segment ids if `mask_function` is transformers' packed-causal closure, else None.
+def _packed_starts_of(mask_function, batch: int, length: int, device) -> torch.Tensor | None:
+    """(B, L) document starts if `mask_function` is causal attention inside runs of tokens, else None.
 
-    `create_causal_mask` builds it as `and_masks(packed_sequence_mask_function(segments),
-    remap_positions_for_packed_sequence(causal_mask_function, position_ids))`; segments change
-    wherever a position does not follow the previous one, so causal on the remapped positions is
-    causal on token order inside a segment. Anything else (a newer transformers, an extra
-    and/or mask) returns None and takes the exact, dense path.
+    Read from the mask function's values, not its construction: transformers builds packed
+    masks from closures whose nesting changes between releases (5.23 and 5.25 differ), but every
+    release keeps the documented contract `mask_function(batch_idx, head_idx, q_idx, kv_idx) ->
+    bool` on index tensors. O(L) probes per batch row:
+    - row i continues the previous row's document where (i, i - 1) is allowed; this gives the
+      document starts s(i);
+    - then (i, i) and (i, s(i)) and the midpoint (i, (s(i) + i) // 2) must be allowed, and
+      (i, i + 1) and (i, s(i) - 1) not.
+    Causal, packed-causal and chunked masks pass; sliding windows shorter than a document, block
+    overlays and future-looking masks fail and take the exact dense path. A mask with holes
+    strictly inside [s(i), i] that the midpoint misses would pass: transformers builds none.
     """
-    from transformers.masking_utils import causal_mask_function
-
     try:
-        if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
-            return None
-        parts = _cell(mask_function, "mask_functions")
-        if len(parts) != 2:
-            return None
-        same_segment, remapped = parts
-        if (same_segment.__qualname__ != "packed_sequence_mask_function.<locals>.inner_mask"
-                or remapped.__qualname__ != "remap_positions_for_packed_sequence.<locals>.inner_mask"
-                or _cell(remapped, "mask_function") is not causal_mask_function):
-            return None
-        segments = _cell(same_segment, "packed_sequence_mask")
-        return segments if isinstance(segments, torch.Tensor) and segments.dim() == 2 else None
-    except (AttributeError, ValueError, TypeError, IndexError):
-        return None
+        b = torch.arange(batch, device=device).repeat_interleave(length)  # (B*L,)
+        i = torch.arange(length, device=device).repeat(batch)  # (B*L,)
+        h = torch.zeros_like(i)
+
+        def allowed(kv: torch.Tensor) -> torch.Tensor:  # (B*L,) key index per row -> (B, L)
+            inside = (kv >= 0) & (kv < length)
+            out = mask_function(b, h, i, kv.clamp(0, length - 1))
+            return (torch.as_tensor(out, device=device).to(torch.bool).expand_as(i) & inside
+                    ).reshape(batch, length)
+
+        starts_here = ~allowed(i - 1)  # row 0 always starts (its key -1 is outside)
+        idx = torch.arange(length, device=device)
+        starts = torch.where(starts_here, idx, 0).cummax(dim=1).values  # (B, L)
+        flat = starts.reshape(-1)
+        must = allowed(i) & allowed(flat) & allowed((flat + i) // 2)
+        must_not = allowed(i + 1) | allowed(flat - 1)
+        if bool(must.all()) and not bool(must_not.any()):
+            return starts
+    except Exception:  # a mask function that does not take index tensors (vmap only)
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
