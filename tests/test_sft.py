@@ -148,3 +148,48 @@ def test_packing_keeps_every_document_and_loss_token(tmp_path):
     assert metrics["packing"]["label_tokens"] == metrics["masks"]["assistant_tokens"]
     assert metrics["packing"]["sequences"] < 400 // 2  # ~60-token examples, several per row
     assert metrics["losses"][-1] < metrics["losses"][0]
+
+
+@pytest.mark.parametrize("lora, tied", [
+    ({"r": 8, "alpha": 16}, True),
+    ({"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}, False),
+], ids=["all-linear", "lora-on-embed_tokens"])
+def test_lora_merge_of_tied_embeddings(tmp_path, lora, tied):
+    """The tiny Llama ties lm_head to embed_tokens, as Llama 3.2 1B/3B do. Two LoRA steps, then
+    merged and reloaded with AutoModelForCausalLM. With the default all-linear adapter (peft
+    leaves the output layer out) the merged model stays tied: lm_head.weight and
+    embed_tokens.weight are one tensor, equal to the base's bit for bit, the safetensors file
+    holds no lm_head.weight and the config says tie_word_embeddings. With LoRA on embed_tokens the
+    adapter changes the input side only, so the merged model is untied, its lm_head the base's
+    matrix bit for bit (merging into the shared matrix would move the output layer too). Either
+    way the merged logits equal the adapter's on its base within 1e-5 (fp32). Measured here, on
+    logits up to ~5: 9.4e-6 (all-linear) and 6.9e-6, close to the bound; fp64 forward passes of
+    the same two models still differ by 1-2e-6, so most of it is the fp32 rounding of the merged
+    W + s*B@A rather than of the forward pass. An unfixed merge into the shared matrix fails the
+    bit-for-bit lm_head check above."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_stage("sft", recipe(tmp_path, "lora", steps=2, merge=True, lora=lora))
+    merged_dir = result.path / "merged"
+    base = AutoModelForCausalLM.from_pretrained(result.metrics["base_model"], dtype=torch.float32).eval()
+    assert base.config.tie_word_embeddings
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(result.path / "model", dtype=torch.float32).eval()
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+    embed, head = merged.model.embed_tokens.weight, merged.lm_head.weight
+    assert "model.embed_tokens.weight" in keys
+    assert torch.equal(head, base.lm_head.weight)
+    if tied:
+        assert merged.config.tie_word_embeddings and "lm_head.weight" not in keys
+        assert head is embed
+    else:
+        assert not merged.config.tie_word_embeddings and "lm_head.weight" in keys
+        assert head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed)
+
+    tokenizer = AutoTokenizer.from_pretrained(result.path / "model")
+    with_adapter = probe(adapter, tokenizer)
+    torch.testing.assert_close(probe(merged, tokenizer), with_adapter, atol=1e-5, rtol=0)
+    assert (probe(base, tokenizer) - with_adapter).abs().max() > 1e-2  # the adapter did something

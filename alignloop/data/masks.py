@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from alignloop.data.templates import has_generation_markers
+from alignloop.data.templates import end_of_turn_token, has_generation_markers
 
 logger = logging.getLogger("alignloop.data")
 
@@ -32,7 +32,10 @@ def assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
 
     With `{% generation %}` markers the tokenizer computes the mask. Without them, each assistant
     turn's span is the text that rendering `messages[:i+1]` adds to `messages[:i]` followed by
-    the generation prompt; this needs the template to render prefixes as prefixes.
+    the generation prompt, less any whitespace the template writes after the turn's end-of-turn
+    token (ChatML's "\n" after `<|im_end|>`: generation stops at the token, so the model never
+    writes that newline and is not trained to); this needs the template to render prefixes as
+    prefixes.
     """
     if has_generation_markers(tokenizer.chat_template or ""):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -43,6 +46,7 @@ def assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
 
 def _mask_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     text = render(tokenizer, messages)
+    end_token = end_of_turn_token(tokenizer)
     spans = []  # (start, end) character spans of assistant turns in `text`
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -55,11 +59,20 @@ def _mask_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[
                 "conversation's prefixes as prefixes, so the assistant tokens cannot be found; "
                 "add {% generation %}...{% endgeneration %} around the assistant content in the "
                 "template, or set model.chat_template: llama3")
-        spans.append((len(before), len(upto)))
+        spans.append((len(before), _turn_end(upto, len(before), end_token)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(end > start and any(s <= start and end <= e for s, e in spans))
             for start, end in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
+
+
+def _turn_end(upto: str, start: int, end_token: str | None) -> int:
+    """Where the assistant turn `upto[start:]` ends: after its end-of-turn token when only
+    whitespace follows that token, else at the end of the rendered text."""
+    kept = upto.rstrip()
+    if end_token and len(kept) > start and kept.endswith(end_token):
+        return len(kept)
+    return len(upto)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None,

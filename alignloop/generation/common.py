@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignloop.data.templates import end_of_turn_token
 from alignloop.pipeline.errors import StageError
 
 # End of turn, end of text, end of message (Llama 3 chat tokens, reference section E): a chat
@@ -82,10 +83,16 @@ def render(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 def stop_token_ids(tokenizer, configured=None) -> list[int]:
     """The tokenizer's eos, the model's generation_config eos ids (`configured`: an int, a list or
-    None) and the Llama 3 end tokens the vocabulary has."""
+    None), the token the chat template ends an assistant turn with, and the Llama 3 end tokens
+    the vocabulary has.
+
+    The template's end-of-turn token matters where eos is not it: a ChatML model whose eos is
+    `<|endoftext|>` ends its turns with `<|im_end|>`, and without it a chat answer would run on
+    into the next turn.
+    """
     stops = {tokenizer.eos_token_id}
     stops.update(configured if isinstance(configured, list) else [configured])
-    for token in STOP_TOKENS:
+    for token in filter(None, (end_of_turn_token(tokenizer), *STOP_TOKENS)):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             stops.add(token_id)
