@@ -317,3 +317,27 @@ def test_sft_stage_packs_the_chatml_labels(tiny_dir, tmp_path, monkeypatch):
     masks = result.metrics["masks"]
     assert masks["assistant_tokens"] == result.metrics["packing"]["label_tokens"] == sum(
         sum(label != IGNORE_INDEX for label in labels) for _, labels in expected)
+
+
+def test_dpo_formatting_mask_on_chatml(chatml):
+    """DPO's formatting-token mask (reference A5) on ChatML: in the whole conversation every
+    header (<|im_start|> through `role\\n`), every <|im_end|> and the newline after it are
+    formatting; the contents (system, user and assistant text) are not. Expected flags come from
+    the same piece-by-piece build as the SFT mask: head and newline pieces are formatting, a
+    content piece is not, and its final <|im_end|> is."""
+    from alignloop.dpo.masking import formatting_ids, formatting_positions
+
+    tok, system = chatml
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    messages = [{"role": "system", "content": system}, *TURNS]
+    ids, want = [], []
+    for m in messages:
+        head = [start] + tok.encode(m["role"] + "\n", add_special_tokens=False)
+        body = tok.encode(m["content"], add_special_tokens=False)
+        newline = tok.encode("\n", add_special_tokens=False)
+        ids += head + body + [end] + newline
+        want += [True] * len(head) + [False] * len(body) + [True] + [True] * len(newline)
+    assert tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == ids
+    fmt = formatting_ids(tok)
+    assert not fmt.empty and fmt.terminators == {end}
+    assert formatting_positions(ids, fmt) == want

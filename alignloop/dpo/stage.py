@@ -115,7 +115,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg.model, ctx.policy)
     if section.mask_formatting_tokens and formatting_ids(tokenizer).empty:
         raise StageError(f"{ctx.label}: the tokenizer of {ctx.policy} has none of the Llama 3 "
-                         "formatting tokens (<|start_header_id|>, <|eot_id|>, ...) to mask; set "
+                         "or ChatML formatting tokens (<|start_header_id|>, <|eot_id|>, "
+                         "<|im_start|>, <|im_end|>, ...) to mask; set "
                          "dpo.mask_formatting_tokens: false for another chat format")
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     args = trainer_args(cfg, "dpo", ctx.work_dir / "checkpoints")
