@@ -3,7 +3,7 @@
     alignloop run RECIPE [--set key=value ...] [--output-dir DIR]
     alignloop validate RECIPE [--set key=value ...]
     alignloop stage NAME RECIPE [--round K] [--set key=value ...] [--output-dir DIR]
-    alignloop generate --model DIR --prompts FILE --output FILE [--n K] [--max-new-tokens N]
+    alignloop generate --model DIR|FILE.gguf --prompts FILE --output FILE [--n K] [--max-new-tokens N]
                        [--temperature T] [--top-p P] [--batch-size B] [--seed S]
                        [--backend hf|vllm|vllm_server] [--server-python PY | --server-url URL]
                        [--dtype D] [--generation KEY=VALUE ...]
@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="which round's stage (default: the first round that has it); the "
                             "stages before it that are not complete run first")
     gen = commands.add_parser("generate", help="chat completions for a JSONL of prompts")
-    gen.add_argument("--model", required=True, help="a model or adapter directory")
+    gen.add_argument("--model", required=True, help="a model or adapter directory, a .gguf file "
+                                                     "(converted once, docs/recipes.md) or "
+                                                     "package:<python_package>/<file>")
     gen.add_argument("--prompts", required=True, help="JSONL of prompt records")
     gen.add_argument("--output", required=True, help="JSONL to write, one row per sample")
     gen.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -145,12 +147,29 @@ def _generate(args) -> int:
     except ValueError as err:
         print(f"alignloop: {err}", file=sys.stderr)
         return 2
-    with open_generator(cfg, args.model, dtype=args.dtype) as gen:
+    try:
+        model = _model_dir(args.model)
+    except ValueError as err:  # a missing package or file, a .gguf alignloop cannot convert
+        print(f"alignloop: --model: {err}", file=sys.stderr)
+        return 2
+    with open_generator(cfg, model, dtype=args.dtype) as gen:
         samples = gen.generate([p["prompt"] for p in prompts], settings)
         producer = gen.describe()
+    if model != args.model:  # the converted directory (gguf-<sha256[:16]>) is in producer["model"]
+        producer["source"] = args.model
     write_jsonl(args.output, completion_rows(prompts, samples, settings, producer))
     print(f"wrote {len(prompts) * args.n} completions for {len(prompts)} prompts to {args.output}")
     return 0
+
+
+def _model_dir(model: str) -> str:
+    """--model as a directory: package:<python_package>/<file> found, a .gguf file converted."""
+    from alignloop.config import PACKAGE_PREFIX, package_file
+    from alignloop.models.gguf import convert, is_gguf
+
+    if model.startswith(PACKAGE_PREFIX):
+        model = str(package_file(model))
+    return str(convert(model)) if is_gguf(model) else model
 
 
 _COMMANDS = {"run": _run, "validate": _validate, "stage": _stage, "generate": _generate}

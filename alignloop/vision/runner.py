@@ -89,8 +89,10 @@ def _wire(cfg: Recipe, ctx: StageContext, stage: str, produced: dict[str, tuple[
 
 
 def _start_key(cfg: Recipe) -> str:
+    from alignloop.models.gguf import model_identity
+
     vision = cfg.vision
-    parts = {"model": cfg.model.model_dump(mode="json"), "start": vision.start,
+    parts = {"model": model_identity(cfg.model), "start": vision.start,
              "adapter_config": vision.adapter_config.model_dump(mode="json")}
     if vision.architecture == "llama3v":  # where features are cached does not change the model
         parts["llama3v"] = vision.llama3v.model_dump(mode="json", exclude={"cache_features", "cache_dir"})
