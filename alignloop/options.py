@@ -41,6 +41,10 @@ class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     keep_checkpoints: bool = False  # keep <run>/.work/<round>/<stage>/checkpoints after completion
+    # Recompute each layer's forward in the backward instead of keeping its activations. "auto":
+    # on only when the activations would not fit comfortably (alignloop.models.memory); TRL's own
+    # default is always on. `gradient_checkpointing` is accepted as the old name.
+    activation_checkpointing: Literal["auto"] | bool = "auto"
     # Average the weights of the last N saved checkpoints (the final weights included) into the
     # stage's model: a cheap form of Llama 3's model averaging (reference A1, §4.1.5). None: off.
     average_checkpoints: int | None = Field(default=None, ge=2)

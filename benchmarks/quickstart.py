@@ -50,21 +50,7 @@ def main() -> None:
         if args.keep:
             shutil.copytree(run_dir, args.keep, dirs_exist_ok=True)
 
-    seconds: dict[str, float] = {}
-    for name, rec in manifest["stages"].items():
-        label = name.split("/")[0]
-        seconds[label] = seconds.get(label, 0.0) + rec.get("seconds", 0.0)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch / "
-          f"transformers / trl {' / '.join(manifest['versions'][k] for k in ('torch', 'transformers', 'trl'))}")
-    print(f"whole command, cold cache: {total:.0f} s\n")
-    print("| point | held-out accuracy | violation rate | false-refusal rate | reward mean | "
-          "win rate vs previous | RM pair accuracy | RS pairs | stages (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in table:
-        print(f"| {row['label']} | {_f(row.get('accuracy'))} | {_f(row.get('vr'))} | {_f(row.get('frr'))} | "
-              f"{_f(row.get('reward_mean'))} | {_f(row.get('win_rate'))} | {_f(row.get('rm_accuracy'))} | "
-              f"{row.get('rs_pairs') if row.get('rs_pairs') is not None else '-'} | "
-              f"{seconds.get(row['label'], 0):.0f} |")
+    table = print_tables(manifest, table, total, "whole command, cold cache")
     first, last, base = table[1], table[-1], table[0]
     checks = [
         ("accuracy after the last round > after round 0", last["accuracy"] > first["accuracy"]),
@@ -75,6 +61,26 @@ def main() -> None:
     print()
     for name, ok in checks:
         print(f"- {name}: {'yes' if ok else 'NO'}")
+
+
+def print_tables(manifest: dict, table: list[dict], total: float, what: str) -> list[dict]:
+    """The machine, the whole command's time and the per-round table (docs/benchmarks.md)."""
+    seconds: dict[str, float] = {}
+    for name, rec in manifest["stages"].items():
+        label = name.split("/")[0]
+        seconds[label] = seconds.get(label, 0.0) + rec.get("seconds", 0.0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch / "
+          f"transformers / trl {' / '.join(manifest['versions'][k] for k in ('torch', 'transformers', 'trl'))}")
+    print(f"{what}: {total:.0f} s\n")
+    print("| point | held-out accuracy | violation rate | false-refusal rate | reward mean | "
+          "win rate vs previous | RM pair accuracy | RS pairs | stages (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in table:
+        print(f"| {row['label']} | {_f(row.get('accuracy'))} | {_f(row.get('vr'))} | {_f(row.get('frr'))} | "
+              f"{_f(row.get('reward_mean'))} | {_f(row.get('win_rate'))} | {_f(row.get('rm_accuracy'))} | "
+              f"{row.get('rs_pairs') if row.get('rs_pairs') is not None else '-'} | "
+              f"{seconds.get(row['label'], 0):.0f} |")
+    return table
 
 
 def _f(value) -> str:

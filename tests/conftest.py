@@ -11,6 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # process made one step 35x slower (measured: 3.5 s vs 0.1 s). Subprocess CLI runs inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter, which is read when triton is
+    # first imported (transformers and TRL import it): set here, before any test module is
+    # collected, so that no order of test files can import triton first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 

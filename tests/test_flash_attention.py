@@ -16,12 +16,8 @@ Tolerances (docs/kernels.md):
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
 
 import pytest  # noqa: E402
 

@@ -10,14 +10,8 @@ against an fp64 reference is at most 2x the error of the torch path in the same 
 1e-6 for values that both get exactly right).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    # the Triton kernels run in the interpreter here; it must be on before triton is imported
-    # (trl imports it), so it is set when this module is collected
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -13,9 +13,6 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by trl, too)
-
 import pytest  # noqa: E402
 
 from alignloop.kernels import fused_head  # noqa: E402
@@ -118,10 +115,20 @@ def test_a_lora_lm_head_is_refused_with_the_reason():
         fused_head.install(model)
 
 
-def test_auto_turns_on_from_4096_tokens(monkeypatch):
+def test_auto_turns_on_from_4096_tokens_or_a_real_vocabulary(monkeypatch):
     monkeypatch.setattr(fused_head, "AUTO_MIN_LENGTH", 4096)  # whatever the environment says
+    monkeypatch.setattr(fused_head, "AUTO_MIN_VOCAB", 32768)
     assert not fused_head.wanted("auto", 1024) and fused_head.wanted("auto", 4096)
-    assert fused_head.wanted(True, 16) and not fused_head.wanted(False, 131072)
+    assert not fused_head.wanted("auto", 128, 512) and fused_head.wanted("auto", 128, 49152)
+    assert fused_head.wanted(True, 16) and not fused_head.wanted(False, 131072, 128256)
+
+
+def test_installed_says_whether_the_fused_head_is_on():
+    model = tiny_model()
+    assert fused_head.vocab_size(model) == model.config.vocab_size
+    assert not fused_head.installed(model)
+    fused_head.install(model)
+    assert fused_head.installed(model)
 
 
 def test_the_environment_moves_auto_s_threshold():

@@ -2,13 +2,10 @@
 to and from transformers' MllamaForConditionalGeneration (issue 4, items 1-3)."""
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/test_flash_attention.py: before triton
 from transformers import AttentionInterface, LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward

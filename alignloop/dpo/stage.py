@@ -105,7 +105,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     from accelerate import PartialState
     from alignloop.checkpoints import last_checkpoint
 
-    from alignloop.dpo.trainer import completion_log_probs, make_trainer, use_fused_loss
+    from alignloop.dpo.trainer import completion_log_probs, make_trainer
+    from alignloop.kernels import fused_head
     from alignloop.models.loading import load_tokenizer
     from alignloop.sft.stage import merge_adapter
 
@@ -119,7 +120,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
                          "<|im_start|>, <|im_end|>, ...) to mask; set "
                          "dpo.mask_formatting_tokens: false for another chat format")
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    args = trainer_args(cfg, "dpo", ctx.work_dir / "checkpoints")
+    args = trainer_args(cfg, "dpo", ctx.work_dir / "checkpoints", ctx.policy)
     trainer = make_trainer(cfg, ctx.policy, tokenizer, pairs_dataset(records, ctx.work_dir), args)
     if len(trainer.train_dataset) == 0:
         raise StageError(f"{ctx.label}: every prompt is longer than dpo.max_length="
@@ -144,7 +145,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "loss_weights": args.loss_weights,
         "beta": args.beta,
         "precompute_ref_log_probs": args.precompute_ref_log_probs,
-        "fused_loss": use_fused_loss(section, args),
+        "fused_loss": fused_head.installed(trainer.model),
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "losses": [round(e["loss"], 4) for e in history if "loss" in e],

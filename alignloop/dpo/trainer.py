@@ -117,7 +117,7 @@ def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
     trainer = LlamaDPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=collator,
                               train_dataset=train_set, processing_class=tokenizer,
                               peft_config=lora_config(section.lora) if section.method != "full" else None)
-    if use_fused_loss(section, args):
+    if use_fused_loss(section, args, fused_head.vocab_size(model)):
         # per-token log-probs of policy and reference through our fused linear + cross-entropy;
         # TRL's sigmoid loss and the NLL term read them as before (docs/long_context.md)
         fused_head.install(trainer.model)
@@ -126,13 +126,14 @@ def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
     return trainer
 
 
-def use_fused_loss(section, args) -> bool:
+def use_fused_loss(section, args, vocab_size: int | None = None) -> bool:
     """`dpo.fused_loss` resolved; "auto" stays off with WPO weighting (`use_weighting`), which
     needs a statistic (log sum p^2) that our head does not compute."""
     if section.fused_loss is True and args.use_weighting:
         raise ValueError("dpo.fused_loss: true does not support use_weighting (WPO); set one of "
                          "them to false")
-    return fused_head.wanted(section.fused_loss, args.max_length) and not args.use_weighting
+    return (fused_head.wanted(section.fused_loss, args.max_length, vocab_size)
+            and not args.use_weighting)
 
 
 def completion_log_probs(trainer: DPOTrainer, dataset, limit: int = 64) -> dict[str, float] | None:

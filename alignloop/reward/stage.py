@@ -60,7 +60,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     init = _init_path(cfg, ctx)
     tokenizer = _tokenizer(cfg, ctx, init)
     train, held_out, report = load_pairs(cfg, ctx)
-    args = trainer_args(cfg, "reward", ctx.work_dir / "checkpoints")
+    args = trainer_args(cfg, "reward", ctx.work_dir / "checkpoints", init)
 
     set_seed(args.seed)  # the new score head is drawn at load time
     model = _load_model(cfg, ctx, init, tokenizer)

@@ -98,7 +98,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     state = PartialState()
     path = ctx.base if cfg.sft.start == "base" else ctx.policy
     tokenizer = load_tokenizer(cfg.model, path)
-    args = trainer_args(cfg, "sft", ctx.work_dir / "checkpoints")
+    args = trainer_args(cfg, "sft", ctx.work_dir / "checkpoints", path)
 
     records, report = training_records(cfg, ctx)
     logger.info("sft data:\n%s", format_report(report))
@@ -110,10 +110,13 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
     method = cfg.sft.method
     model = load_model(cfg, path, quantize=method == "qlora", quantization=cfg.sft.quantization)
+    fused = fused_head.wanted(cfg.sft.fused_loss, args.max_length, fused_head.vocab_size(model))
+    if args.padding_free and not args.packing:
+        # the examples are truncated or split above; TRL refuses a max_length it cannot enforce
+        args.max_length = None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer,
                          peft_config=lora_config(cfg.sft.lora) if method != "full" else None)
-    fused = fused_head.wanted(cfg.sft.fused_loss, args.max_length)
     if fused:  # our fused linear + cross-entropy in place of TRL's LM head (docs/long_context.md)
         fused_head.install(trainer.model)
     last = last_checkpoint(args.output_dir)
