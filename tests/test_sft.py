@@ -121,7 +121,16 @@ def test_run_resumes_skips_and_reruns_on_change(tmp_path):
         assert (run_dir / name).exists(), name
     assert not (run_dir / ".work" / "round_1" / "sft").exists()  # checkpoints removed once complete
     manifest = read_manifest(run_dir)
-    assert manifest["stages"]["round_1/sft"]["status"] == "complete" and manifest["versions"]["trl"]
+    assert manifest["stages"]["round_1/sft"]["status"] == "complete"
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    assert manifest["versions"]["python"] == platform.python_version()
+    assert (manifest["versions"]["torch"], manifest["versions"]["transformers"], manifest["versions"]["trl"]) == (
+        torch.__version__, transformers.__version__, trl.__version__)
     assert first.evaluation["after"]["task"]["total"] == 16 and "accuracy" in first.evaluation["before"]["summary"]
     model, tokenizer = first["sft"].load_model()  # the notebook API
     assert model.config.model_type == "llama" and tokenizer.chat_template
@@ -171,7 +180,8 @@ def test_lora_merge_of_tied_embeddings(tmp_path, lora, tied):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = run_stage("sft", recipe(tmp_path, "lora", steps=2, merge=True, lora=lora))
+    spec = recipe(tmp_path, "lora", steps=2, merge=True, lora=lora)
+    result = run_stage("sft", spec)
     merged_dir = result.path / "merged"
     base = AutoModelForCausalLM.from_pretrained(result.metrics["base_model"], dtype=torch.float32).eval()
     assert base.config.tie_word_embeddings
@@ -193,3 +203,10 @@ def test_lora_merge_of_tied_embeddings(tmp_path, lora, tied):
     with_adapter = probe(adapter, tokenizer)
     torch.testing.assert_close(probe(merged, tokenizer), with_adapter, atol=1e-5, rtol=0)
     assert (probe(base, tokenizer) - with_adapter).abs().max() > 1e-2  # the adapter did something
+    # a later stage that loads the adapter directory (load_model merges it on the fly) unties alike
+    from alignloop.config import load_recipe
+    from alignloop.models.loading import load_model
+
+    loaded = load_model(load_recipe(spec), str(result.path / "model")).eval()
+    assert loaded.config.tie_word_embeddings is tied and torch.equal(loaded.lm_head.weight, base.lm_head.weight)
+    torch.testing.assert_close(probe(loaded, tokenizer), with_adapter, atol=1e-5, rtol=0)

@@ -106,7 +106,40 @@ def _merged_adapter(path: str, model_class, kwargs):
 
     base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = model_class.from_pretrained(base_path, **kwargs)
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, path)
+    untie_adapted_embeddings(adapted)
+    return adapted.merge_and_unload()
+
+
+def untie_adapted_embeddings(model) -> bool:
+    """Gives a LoRA-adapted embedding of a tied pair its own copy of the matrix; True if it did.
+
+    With tied embeddings one matrix E serves as input embedding and output layer. LoRA on one
+    side (`target_modules: [..., embed_tokens]`, or `lm_head` where the trainer allows it; TRL's
+    SFTTrainer refuses that) changes that side only: the adapter computes with E + dE there and
+    E on the other side. Merging into the shared E would move both sides (the logits then differ
+    from the adapter's; peft only warns). So the adapted side's base layer is cloned before
+    merging and the config says untied: the merged model equals the adapter on its base.
+    "all-linear" leaves both embeddings alone and `modules_to_save` trains a copy, so neither
+    unties anything: the merged model stays tied.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    sides = [inner.get_input_embeddings(), inner.get_output_embeddings()]
+    if any(side is None for side in sides):
+        return False
+    layers = [side.get_base_layer() if isinstance(side, LoraLayer) else side for side in sides]
+    weights = [getattr(layer, "weight", None) for layer in layers]
+    if weights[0] is None or weights[0] is not weights[1]:  # not tied
+        return False
+    adapted = [layer for side, layer in zip(sides, layers) if isinstance(side, LoraLayer)]
+    for layer in adapted:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    if adapted:
+        inner.config.tie_word_embeddings = False
+        logger.info("the adapter changes a tied embedding: the merged model is saved untied")
+    return bool(adapted)
 
 
 def bnb_config(quantization, compute_dtype: torch.dtype):

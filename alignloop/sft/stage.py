@@ -27,7 +27,7 @@ from alignloop.data.splitting import split_dataset
 from alignloop.data.sources import format_report, load_sources
 from alignloop.kernels import fused_head
 from alignloop.models.averaging import average_checkpoints
-from alignloop.models.loading import load_model, load_tokenizer, lora_config
+from alignloop.models.loading import load_model, load_tokenizer, lora_config, untie_adapted_embeddings
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
 
@@ -201,36 +201,3 @@ def merge_adapter(cfg: Recipe, adapter_dir: Path, base_path: str, out: Path) -> 
     merged = adapted.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     logger.info("merged adapter into %s", out)
-
-
-def untie_adapted_embeddings(model) -> bool:
-    """Gives a LoRA-adapted embedding of a tied pair its own copy of the matrix; True if it did.
-
-    With tied embeddings one matrix E serves as input embedding and output layer. LoRA on one
-    side (`target_modules: [..., embed_tokens]`, or `lm_head` where the trainer allows it; TRL's
-    SFTTrainer refuses that) changes that side only: the adapter computes with E + dE there and
-    E on the other side. Merging into the shared E would move both sides (the logits then differ
-    from the adapter's; peft only warns). So the adapted side's base layer is cloned before
-    merging and the config says untied: the merged model equals the adapter on its base.
-    "all-linear" leaves both embeddings alone and `modules_to_save` trains a copy, so neither
-    unties anything: the merged model stays tied.
-    """
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    inner = model.get_base_model()
-    sides = [inner.get_input_embeddings(), inner.get_output_embeddings()]
-    if any(side is None for side in sides):
-        return False
-    layers = [side.get_base_layer() if isinstance(side, LoraLayer) else side for side in sides]
-    weights = [getattr(layer, "weight", None) for layer in layers]
-    if weights[0] is None or weights[0] is not weights[1]:  # not tied
-        return False
-    adapted = [layer for side, layer in zip(sides, layers) if isinstance(side, LoraLayer)]
-    for layer in adapted:
-        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    if adapted:
-        inner.config.tie_word_embeddings = False
-        logger.info("the adapter changes a tied embedding: the merged model is saved untied")
-    return bool(adapted)
-
