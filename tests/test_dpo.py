@@ -174,9 +174,12 @@ def test_trainer_batches_carry_the_mask_for_chosen_and_rejected(tmp_path, tokeni
         assert batch["completion_mask"][row].tolist() == [0] * len(prompt) + keep + [0] * (batch["input_ids"].size(1) - n)
 
 
-def hand_loss(model, batch, mask, ref_chosen, ref_rejected, beta=0.1, nll_weight=0.2):
+def hand_loss(model, batch, mask, ref_chosen, ref_rejected, beta=0.1, nll_weight=0.2,
+              normalization="sequence"):
     """Llama 3's DPO loss from full logits: -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))
-    averaged over pairs, plus nll_weight times the mean -log p over the chosen loss tokens."""
+    averaged over pairs, plus nll_weight times the NLL of the chosen loss tokens: per sequence
+    (each chosen response's -sum log p / its length, averaged over pairs) or, with "token", the
+    mean -log p over all chosen loss tokens."""
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
@@ -185,7 +188,11 @@ def hand_loss(model, batch, mask, ref_chosen, ref_rejected, beta=0.1, nll_weight
     c, r = sums.chunk(2)
     sigmoid = -F.logsigmoid(beta * ((c - ref_chosen) - (r - ref_rejected))).mean()
     chosen_keep = keep.chunk(2)[0]
-    nll = -(logp.chunk(2)[0] * chosen_keep).sum() / chosen_keep.sum()
+    chosen_logp = logp.chunk(2)[0] * chosen_keep
+    if normalization == "token":
+        nll = -chosen_logp.sum() / chosen_keep.sum()
+    else:
+        nll = (-chosen_logp.sum(1) / chosen_keep.sum(1)).mean()
     return sigmoid, nll, sigmoid + nll_weight * nll
 
 
@@ -210,6 +217,60 @@ def test_loss_and_logged_terms_equal_a_hand_computation_with_the_mask(tmp_path):
     assert (unmasked >= batch["completion_mask"]).all() and unmasked.sum() > batch["completion_mask"].sum()
     *_, total_unmasked = hand_loss(trainer.model, batch, unmasked, ref_chosen, ref_rejected)
     assert abs(total_unmasked.item() - loss) > 1e-2
+
+
+def test_nll_per_sequence_and_per_token_on_a_hand_derived_example():
+    """Two pairs; chosen 0 has 2 loss tokens, each with -log p = 4, chosen 1 has 10 with
+    -log p = 0.5 (the rejected rows and masked positions hold other values that must not count).
+    Per sequence (Pang et al. 2024): chosen 0's NLL is (4 + 4) / 2 = 4, chosen 1's is
+    (10 x 0.5) / 10 = 0.5, averaged over the pairs (4 + 0.5) / 2 = 2.25. Per token (TRL):
+    (2 x 4 + 10 x 0.5) / 12 = 13 / 12 = 1.0833. The short answer weighs half the term per
+    sequence but 2/12 of it per token."""
+    from alignloop.dpo.trainer import chosen_nll
+
+    T = 14  # 13 predicted positions after the shift
+    mask = torch.zeros(4, T, dtype=torch.long)  # rows [chosen 0, chosen 1, rejected 0, rejected 1]
+    mask[0, 3:5] = 1
+    mask[1, 3:13] = 1
+    mask[2:, 3:8] = 1
+    log_probs = torch.full((4, T - 1), -7.0)  # off the chosen mask: must not count
+    log_probs[0, 2:4] = -4.0  # predicted tokens 3 and 4
+    log_probs[1, 2:12] = -0.5
+    assert chosen_nll(log_probs, mask, "sequence").item() == pytest.approx(2.25)
+    assert chosen_nll(log_probs, mask).item() == pytest.approx(2.25)  # the default
+    assert chosen_nll(log_probs, mask, "token").item() == pytest.approx(13 / 12)
+
+
+def test_trainer_loss_uses_the_chosen_normalisation(tmp_path):
+    """On one batch of the tiny model: nll_normalization "token" gives TRL's own loss (hand_loss
+    with the per-token NLL); "sequence" differs from it by exactly 0.2 x (per-sequence NLL -
+    per-token NLL), and its gradient is the gradient of the per-sequence hand loss."""
+    ref_chosen, ref_rejected = torch.tensor([-40.0, -55.0]), torch.tensor([-35.0, -30.0])
+    losses = {}
+    for normalization in ("token", "sequence"):
+        (tmp_path / normalization).mkdir()
+        trainer, batch, _ = one_batch_trainer(tmp_path / normalization, nll_normalization=normalization)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_chosen, ref_rejected
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        _, nll, total = hand_loss(trainer.model, batch, batch["completion_mask"], ref_chosen,
+                                  ref_rejected, normalization=normalization)
+        assert loss.item() == pytest.approx(total.item(), abs=1e-4)
+        assert trainer._metrics["train"]["loss/nll"][-1] == pytest.approx(nll.item(), abs=1e-4)
+        losses[normalization] = loss.item()
+        if normalization == "sequence":
+            params = [p for p in trainer.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params)
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+            keep = batch["completion_mask"][:, 1:].float()
+            c, r = (logp * keep).sum(1).chunk(2)
+            chosen_keep = keep.chunk(2)[0]
+            hand = (-F.logsigmoid(0.1 * ((c - ref_chosen) - (r - ref_rejected))).mean()
+                    + 0.2 * (-(logp.chunk(2)[0] * chosen_keep).sum(1) / chosen_keep.sum(1)).mean())
+            for got, want in zip(grads, torch.autograd.grad(hand, params)):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert abs(losses["sequence"] - losses["token"]) > 1e-3  # the two chosen answers' lengths differ
 
 
 def test_without_the_nll_term_only_the_sigmoid_loss_is_left(tmp_path):

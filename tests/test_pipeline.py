@@ -20,7 +20,10 @@ CLI = [sys.executable, "-m", "alignloop.cli"]
 
 def loop_recipe(tmp_path, name="run", **extra):
     """Round 0: SFT on arithmetic; rounds 1-2: rejection sampling from the policy (verifier
-    scoring), SFT on the best samples, DPO on best-vs-worst pairs; evaluation after each round."""
+    scoring), SFT on the best samples, DPO on best-vs-worst pairs; evaluation after each round.
+    Round 0's 30 steps rarely make a right answer, so the verifier scores without filtering
+    (min_verifier_score None) and every round has samples to train on: these tests are about the
+    loop's plumbing, tests/test_rejection_sampling.py about the selection rule."""
     spec = {
         "seed": 0,
         "output_dir": str(tmp_path / name),
@@ -30,7 +33,7 @@ def loop_recipe(tmp_path, name="run", **extra):
                         "learning_rate": 3e-3},
         "stages": ["rejection_sampling", "sft", "dpo"],
         "rejection_sampling": {"prompts": [{"builtin": "arithmetic", "count": 8}], "num_samples": 4,
-                               "temperatures": [1.0], "max_new_tokens": 40,
+                               "temperatures": [1.0], "max_new_tokens": 40, "min_verifier_score": None,
                                "scoring": {"reward_model": 0, "verifiers": {"arithmetic": 1.0}}},
         "sft": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
                 "logging_steps": 2, "save_steps": 4, "max_length": 96,

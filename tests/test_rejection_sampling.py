@@ -115,19 +115,73 @@ def test_select_min_score_keeps_nothing_for_a_weak_prompt():
     assert out.skipped["below_min_score"] == 1
 
 
-def test_select_min_verifier_score_keeps_only_verified_answers():
-    """a: the best by total (k=0, 0.9) failed its verifier (0.0) -> a keeps nothing; b: its best
-    passed (1.0); c: the verifier does not apply (None) -> kept. With no threshold a is kept."""
-    rows = [_cand("a", 0, 0.9), _cand("a", 1, 0.1), _cand("b", 0, 0.8), _cand("b", 1, 0.0),
-            _cand("c", 0, 0.7), _cand("c", 1, 0.2)]
-    verdicts = {"a:0": 0.0, "a:1": 1.0, "b:0": 1.0, "b:1": 0.0, "c:0": None, "c:1": None}
+def _verdicts(rows, verdicts):
     for row in rows:
         row["scores"]["verifiers"] = {"check": verdicts[row["sample_id"]]}
-    out = stage.select(rows, PROMPTS, round=1, min_verifier_score=1.0)
-    assert [r["id"] for r in out.best] == ["b:0", "c:0"]
-    assert [p["prompt_id"] for p in out.pairs] == ["b", "c"]
-    assert out.skipped["unverified"] == 1
-    assert len(stage.select(rows, PROMPTS, round=1).best) == 3
+    return rows
+
+
+def test_select_keeps_a_verified_answer_over_a_wrong_one_the_reward_model_prefers():
+    """Llama 3's rule: filter by the verifier, then rank the survivors. a: k=0 has the highest
+    total (0.9, RM-weighted) but fails its verifier (0.0); k=1 passes with total 0.1 and k=2
+    passes with 0.3 -> the best is a:2 (highest passing), the pair a:2 vs a:0 (the only failure,
+    even though it is the top total). b: the verifier does not apply (None) -> argmax b:0 and
+    argmin b:1 as without verifiers."""
+    rows = _verdicts([_cand("a", 0, 0.9), _cand("a", 1, 0.1), _cand("a", 2, 0.3),
+                      _cand("b", 0, 0.8), _cand("b", 1, 0.2)],
+                     {"a:0": 0.0, "a:1": 1.0, "a:2": 1.0, "b:0": None, "b:1": None})
+    out = stage.select(_shuffled(rows), {"a": PROMPTS["a"], "b": PROMPTS["b"]}, round=1)
+    assert [r["id"] for r in out.best] == ["a:2", "b:0"]
+    assert [(p["metadata"]["chosen_sample_id"], p["metadata"]["rejected_sample_id"])
+            for p in out.pairs] == [("a:2", "a:0"), ("b:0", "b:1")]
+    assert sum(out.skipped.values()) == 0
+
+
+def test_select_keeps_nothing_when_every_sample_fails_and_counts_it():
+    """a: all three samples fail (0.0, 0.5 < the pass mark 1.0, 0.0) -> no best, no pair,
+    all_failed 1, although a:1's total (0.9) would be the argmax. b: both pass -> its best b:1
+    (higher total) goes to SFT but there is no failing sample to reject: no pair
+    (pair_none_failed 1). c: one pass, one fail -> best and pair."""
+    rows = _verdicts([_cand("a", 0, 0.2), _cand("a", 1, 0.9), _cand("a", 2, 0.1),
+                      _cand("b", 0, 0.4), _cand("b", 1, 0.6),
+                      _cand("c", 0, 0.0), _cand("c", 1, 0.5)],
+                     {"a:0": 0.0, "a:1": 0.5, "a:2": 0.0, "b:0": 1.0, "b:1": 1.0,
+                      "c:0": 1.0, "c:1": 0.0})
+    out = stage.select(_shuffled(rows), PROMPTS, round=1)
+    assert [r["id"] for r in out.best] == ["b:1", "c:0"]
+    assert [(p["metadata"]["chosen_sample_id"], p["metadata"]["rejected_sample_id"])
+            for p in out.pairs] == [("c:0", "c:1")]
+    assert (out.skipped["all_failed"], out.skipped["pair_none_failed"]) == (1, 1)
+    # a lower pass mark lets a:1 (0.5) pass: it becomes a's best, paired with a:0 (lowest failing)
+    loose = stage.select(rows, PROMPTS, round=1, min_verifier_score=0.5)
+    assert loose.best[0]["id"] == "a:1" and loose.skipped["all_failed"] == 0
+    assert loose.pairs[0]["metadata"]["rejected_sample_id"] == "a:2"  # 0.1 < a:0's 0.2
+
+
+def test_select_without_a_pass_mark_lets_verifiers_only_add_to_the_total():
+    """min_verifier_score None: the argmax of the totals whatever the verdicts (a:1, which
+    failed), the argmin as the rejected one (a:2), and b keeps a pair of two passing answers."""
+    rows = _verdicts([_cand("a", 0, 0.2), _cand("a", 1, 0.9), _cand("a", 2, 0.1),
+                      _cand("b", 0, 0.4), _cand("b", 1, 0.6)],
+                     {"a:0": 0.0, "a:1": 0.0, "a:2": 0.0, "b:0": 1.0, "b:1": 1.0})
+    out = stage.select(rows, {"a": PROMPTS["a"], "b": PROMPTS["b"]}, round=1, min_verifier_score=None)
+    assert [r["id"] for r in out.best] == ["a:1", "b:1"]
+    assert [p["metadata"]["rejected_sample_id"] for p in out.pairs] == ["a:2", "b:0"]
+
+
+def test_select_does_not_pick_a_truncated_passing_answer_or_reject_a_passing_one():
+    """a: k=0 passes but was cut at max_new_tokens (not a whole answer), k=1 passes, k=2 fails
+    and is truncated: the best is a:1 and the rejected a:2 (truncated failures may be rejected).
+    b: its only passing answer is truncated -> nothing kept (all_failed counts prompts with no
+    passing whole answer)."""
+    rows = _verdicts([_cand("a", 0, 0.9, finish="length"), _cand("a", 1, 0.5),
+                      _cand("a", 2, 0.0, finish="length"),
+                      _cand("b", 0, 0.9, finish="length"), _cand("b", 1, 0.3)],
+                     {"a:0": 1.0, "a:1": 1.0, "a:2": 0.0, "b:0": 1.0, "b:1": 0.0})
+    out = stage.select(rows, {"a": PROMPTS["a"], "b": PROMPTS["b"]}, round=1)
+    assert [r["id"] for r in out.best] == ["a:1"]
+    assert [p["metadata"]["rejected_sample_id"] for p in out.pairs] == ["a:2"]
+    assert out.skipped["all_failed"] == 1
 
 
 def test_select_refuses_a_candidate_of_an_unknown_prompt():
@@ -208,13 +262,14 @@ def length_verifier(tmp_path, monkeypatch):
 def test_stage_keeps_the_argmax_of_every_prompt(tiny_dir, tmp_path, length_verifier):
     """K=6 over 2 system prompts x 2 temperatures -> groups of [2, 2, 1, 1] (6 // 4 = 1, the
     remainder 2 to the first two). Scores: the arithmetic verifier (0 for an untrained model)
-    plus 0.5 x the length verifier, so they vary. The untrained model rarely ends a turn within
+    plus 0.5 x the length verifier, so they vary; `min_verifier_score: null` makes the verifiers
+    score only (no filter), so every prompt keeps an argmax. The untrained model rarely ends a turn within
     12 tokens, so truncated samples are allowed as best. The expected best and worst of each
     prompt are recomputed here from candidates.jsonl: highest (lowest) total among non-empty
     completions, ties to the lowest sample index."""
     cfg = _recipe({"prompts": [{"builtin": "arithmetic", "count": 3}], "num_samples": 6,
                    "temperatures": [0.7, 1.3], "system_prompts": [None, SYSTEM],
-                   "max_new_tokens": 12, "keep_truncated": True,
+                   "max_new_tokens": 12, "keep_truncated": True, "min_verifier_score": None,
                    "scoring": {"reward_model": 0, "verifiers": {"arithmetic": 1.0, length_verifier: 0.5}}})
     out = tmp_path / "out"
     metrics = stage.run(cfg, _ctx(tiny_dir, tmp_path), out)

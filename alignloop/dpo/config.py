@@ -22,6 +22,10 @@ class DPOStageConfig(TrainerSection):
     pairs: Literal["newest", "all"] = "newest"
     # Weight of the NLL term on the chosen response (Llama 3: 0.2; 0 turns it off).
     nll_weight: float = Field(default=0.2, ge=0)
+    # How the NLL term averages: "sequence" divides each chosen response's NLL by its own length,
+    # then averages over pairs (Pang et al. 2024, which Llama 3 follows); "token" averages over
+    # all chosen tokens of the micro-batch (TRL's "sft" term), so long answers weigh more.
+    nll_normalization: Literal["sequence", "token"] = "sequence"
     # Mask header and end-of-turn tokens out of the loss in chosen and rejected (Llama 3).
     mask_formatting_tokens: bool = True
     # Reference log-probs computed once before training: "auto" does so when it saves time

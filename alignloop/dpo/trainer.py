@@ -7,8 +7,9 @@ Two small additions, no patching:
   from that mask: the labels of the policy and reference forwards (hence both sequences' log-probs
   in the sigmoid term), the NLL term on the chosen response, and the precomputed reference
   log-probs (computed through the same collator). Zeroing a position there removes it from all.
-- `LlamaDPOTrainer`: logs the loss terms separately (`loss/nll`, `loss/dpo`), which TRL sums into
-  one `loss`.
+- `LlamaDPOTrainer`: the NLL term averaged per sequence (Pang et al. 2024, Llama 3) instead of
+  TRL's per token, unless `dpo.nll_normalization: token`; logs the loss terms separately
+  (`loss/nll`, `loss/dpo`), which TRL sums into one `loss`.
 """
 
 from __future__ import annotations
@@ -60,38 +61,66 @@ class _FirstOutput:
         return out
 
 
-def chosen_nll(log_probs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """TRL's "sft" loss term: minus the mean log-prob of the chosen responses' loss tokens.
+def chosen_nll(log_probs: torch.Tensor, completion_mask: torch.Tensor,
+               normalization: str = "sequence") -> torch.Tensor:
+    """The NLL term on the chosen responses' loss tokens.
 
-    log_probs: (2B, T-1) log-prob of each next token (TRL's fused LM head); completion_mask:
-    (2B, T); rows are [chosen; rejected].
+    "sequence" (Pang et al. 2024, Llama 3): each chosen response's summed -log p divided by its
+    own number of loss tokens, averaged over the pairs that have any. "token" (TRL's "sft" loss
+    type): the mean -log p over every chosen loss token of the batch. log_probs: (2B, T-1)
+    log-prob of each next token (TRL's or our fused LM head); completion_mask: (2B, T); rows are
+    [chosen; rejected].
     """
     shift = completion_mask[:, 1:]  # (2B, T-1): the mask of each predicted token
     log_probs = log_probs[:, -shift.size(1):]
     chosen, _ = log_probs.chunk(2, dim=0)  # (B, T-1)
-    chosen_mask, _ = shift.chunk(2, dim=0)
-    return -chosen[chosen_mask.bool()].mean()
+    keep = shift.chunk(2, dim=0)[0].bool()
+    if normalization == "token":
+        return -chosen[keep].mean()
+    lengths = keep.sum(dim=1)  # (B,)
+    sums = torch.where(keep, chosen, torch.zeros_like(chosen)).sum(dim=1)
+    has = lengths > 0
+    return -(sums[has] / lengths[has]).mean()
 
 
 class LlamaDPOTrainer(DPOTrainer):
-    """DPOTrainer that also logs `loss/nll` (the NLL term on the chosen response, unweighted) and
-    `loss/dpo` (the preference term: loss - nll_weight * nll) whenever the NLL term is on, so the
-    logged `loss` is visibly `loss/dpo + nll_weight * loss/nll` (reference A5)."""
+    """DPOTrainer with Llama 3's NLL term and its terms logged.
+
+    TRL's "sft" loss type averages the NLL over the chosen tokens of the micro-batch; with
+    `nll_normalization="sequence"` (the default) the loss swaps that term for the per-sequence
+    average (`chosen_nll`), computed from the same per-token log-probs, so the gradient is the
+    per-sequence one. `loss/nll` (the NLL term in use, unweighted) and `loss/dpo` (the preference
+    term: loss - nll_weight * nll) are logged whenever the NLL term is on, so the logged `loss`
+    is visibly `loss/dpo + nll_weight * loss/nll` (reference A5)."""
+
+    def __init__(self, *args, nll_normalization: str = "sequence", **kwargs):
+        if nll_normalization not in ("sequence", "token"):
+            raise ValueError(f"dpo.nll_normalization: {nll_normalization!r} is not sequence or token")
+        super().__init__(*args, **kwargs)
+        if nll_normalization == "sequence" and self.use_weighting and "sft" in self.loss_types:
+            raise ValueError("dpo.nll_normalization: sequence does not combine with use_weighting "
+                             "(WPO weights TRL's per-token NLL term); set nll_normalization: token")
+        self.nll_normalization = nll_normalization
 
     def _compute_loss(self, model, inputs, return_outputs):
         policy = _FirstOutput(model)
         result = super()._compute_loss(policy, inputs, return_outputs)
-        if "sft" in self.loss_types:
-            loss = (result[0] if return_outputs else result).detach()
-            nll = chosen_nll(policy.output.log_probs, inputs["completion_mask"]).detach()
-            weight = self.loss_weights[self.loss_types.index("sft")]
-            terms = self.accelerator.gather(torch.stack([nll, loss - weight * nll])).view(-1, 2)
-            nll_mean, dpo_mean = terms.mean(dim=0).tolist()
-            mode = "train" if self.model.training else "eval"
-            # TRL averages self._metrics over the logging window and adds them to the log
-            self._metrics[mode]["loss/nll"].append(nll_mean)
-            self._metrics[mode]["loss/dpo"].append(dpo_mean)
-        return result
+        if "sft" not in self.loss_types:
+            return result
+        loss = result[0] if return_outputs else result
+        weight = self.loss_weights[self.loss_types.index("sft")]
+        log_probs, mask = policy.output.log_probs, inputs["completion_mask"]
+        nll = chosen_nll(log_probs, mask, self.nll_normalization)
+        if self.nll_normalization == "sequence":  # TRL added weight * the per-token term
+            loss = loss + weight * (nll - chosen_nll(log_probs, mask, "token"))
+        nll, total = nll.detach(), loss.detach()
+        terms = self.accelerator.gather(torch.stack([nll, total - weight * nll])).view(-1, 2)
+        nll_mean, dpo_mean = terms.mean(dim=0).tolist()
+        mode = "train" if self.model.training else "eval"
+        # TRL averages self._metrics over the logging window and adds them to the log
+        self._metrics[mode]["loss/nll"].append(nll_mean)
+        self._metrics[mode]["loss/dpo"].append(dpo_mean)
+        return (loss, result[1]) if return_outputs else loss
 
 
 def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
@@ -116,6 +145,7 @@ def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
         formatting=formatting_ids(tokenizer) if section.mask_formatting_tokens else None)
     trainer = LlamaDPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=collator,
                               train_dataset=train_set, processing_class=tokenizer,
+                              nll_normalization=section.nll_normalization,
                               peft_config=lora_config(section.lora) if section.method != "full" else None)
     if use_fused_loss(section, args, fused_head.vocab_size(model)):
         # per-token log-probs of policy and reference through our fused linear + cross-entropy;

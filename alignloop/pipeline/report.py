@@ -20,6 +20,8 @@ COLUMNS = {
     "win_rate": ("eval", "RM win rate vs previous"),
     "rm_accuracy": ("reward", "RM held-out pair accuracy"),
     "rs_best_score": ("rejection_sampling", "RS mean best score"),
+    "rs_kept": ("rejection_sampling", "RS answers kept"),
+    "rs_all_failed": ("rejection_sampling", "RS prompts all failed"),
     "rs_pairs": ("rejection_sampling", "RS pairs kept"),
     "synthetic_kept": ("synth_data", "synthetic examples kept"),
     "sft_loss": ("sft", "SFT last loss"),
@@ -47,7 +49,10 @@ def rows(run_dir: Path) -> list[dict]:
                    if name.startswith(f"{label}/")}
         row["rm_accuracy"] = metrics.get("reward", {}).get("accuracy")
         row["rs_best_score"] = metrics.get("rejection_sampling", {}).get("mean_best_score")
-        row["rs_pairs"] = metrics.get("rejection_sampling", {}).get("pairs")
+        rs = metrics.get("rejection_sampling", {})
+        row["rs_kept"] = rs.get("best_kept")
+        row["rs_all_failed"] = rs.get("skipped", {}).get("all_failed")
+        row["rs_pairs"] = rs.get("pairs")
         row["synthetic_kept"] = metrics.get("synth_data", {}).get("kept")
         row["sft_loss"] = metrics.get("sft", {}).get("last_loss")
         row["dpo_loss"] = metrics.get("dpo", {}).get("last_loss")

@@ -27,16 +27,19 @@ class RejectionSamplingConfig(Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     # A reward-model checkpoint for rounds without a `reward` stage.
     reward_model: str | None = None
-    # Keep the best and the worst candidate as a preference pair for DPO when their scores differ
-    # by more than `min_gap`.
+    # Keep the best and the worst candidate as a preference pair for DPO: a verified best against
+    # a failed sample, or, where no verifier applies, when their scores differ by more than
+    # `min_gap`.
     pairs: bool = True
     min_gap: float = Field(default=0.0, ge=0)
     # A prompt whose best score is below this keeps nothing (no best, no pair). None: no floor.
     min_score: float | None = None
-    # A prompt whose best sample scores below this on a verifier that applies to it keeps nothing:
-    # only verified answers are trained on (Llama 3 filters math solutions by their final
-    # answer, reference A7). None: verifiers only add to the score.
-    min_verifier_score: float | None = Field(default=None, ge=0, le=1)
+    # Where a verifier applies to a prompt, only samples that score at least this on every
+    # applicable verifier may be the best (Llama 3 keeps math solutions by their final answer,
+    # reference A7), ranked among themselves by the total score; the pair is that best vs the
+    # worst failing sample; a prompt whose K samples all fail keeps nothing (`all_failed` in
+    # metrics.json). null: verifiers only add to the total, as the reward model does.
+    min_verifier_score: float | None = Field(default=1.0, ge=0, le=1)
     # A sample cut off at max_new_tokens (finish_reason "length") is not a whole answer: it is
     # never kept as the best (nor as `chosen`) unless this is true. It may still be `rejected`.
     keep_truncated: bool = False

@@ -1,7 +1,7 @@
 """Rejection sampling (reference A3): K answers per prompt from the policy, scored, the best kept.
 
     prompts --(K samples over system prompts x temperatures)--> candidates
-            --(reward model and/or verifiers)--> scores --(argmax)--> best, (best, worst) pair
+            --(reward model and/or verifiers)--> scores --(verified first, then argmax)--> best, pair
 
 Artifacts in `out_dir` (docs/architecture.md, docs/rejection_sampling.md):
 
@@ -44,7 +44,8 @@ SKIPS = (
     "truncated_sample",    # samples cut at max_new_tokens, not allowed as best (keep_truncated)
     "no_complete_sample",  # prompts where no sample could be the best
     "below_min_score",     # prompts whose best scored below min_score: nothing kept
-    "unverified",          # prompts whose best failed a verifier (min_verifier_score): nothing kept
+    "all_failed",          # prompts whose samples all failed an applicable verifier: nothing kept
+    "pair_none_failed",    # prompts whose samples all passed their verifiers: a best, no pair
     "pair_small_gap",      # prompts whose best - worst <= min_gap: no pair
     "pair_same_text",      # prompts whose best and worst answers are the same text: no pair
 )
@@ -320,19 +321,26 @@ def _score(candidates: list[dict], records: list[dict], scoring, scorer, ctx: St
 
 def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int,
            min_score: float | None = None, keep_truncated: bool = False, pairs: bool = True,
-           min_gap: float = 0.0, min_verifier_score: float | None = None,
+           min_gap: float = 0.0, min_verifier_score: float | None = 1.0,
            best_record=None, pair_record=None) -> Selection:
-    """The best answer (and the best/worst pair) of each prompt in `prompts` (prompt_id ->
+    """The best answer (and a best/worst pair) of each prompt in `prompts` (prompt_id ->
     original messages), in that order; candidates may come in any order.
 
-    Best: the highest `scores.total` among non-empty samples (truncated ones only with
-    `keep_truncated`), ties going to the lowest sample index. Worst: the lowest total among all
-    non-empty samples, ties to the lowest index. A pair needs best - worst > min_gap and two
-    different texts. With `min_verifier_score`, a best that scores below it on any verifier that
-    applies (not None) is not kept, nor paired. Raises ValueError for a candidate whose prompt_id
-    is not in `prompts`. `best_record(prompt, best, round)` and `pair_record(prompt, best, worst,
-    round)` build the kept rows (default: text chat and preference records; vision rejection
-    sampling passes its own).
+    As Llama 3 selects (reference A7): where a verifier applies to the prompt (scores it, not
+    None), a sample passes when every applicable verifier gives at least `min_verifier_score`;
+    the best is the highest `scores.total` among the passing samples only, and the pair is that
+    best vs the lowest-total failing sample. So a verified answer with a low reward is kept over
+    a wrong one the reward model prefers, and a prompt whose samples all fail keeps nothing
+    (`all_failed`); one whose samples all pass gives a best but no pair (`pair_none_failed`).
+    Where no verifier applies, or with `min_verifier_score` None (verifiers only add to the
+    total), the best is the highest total and the worst the lowest.
+
+    Candidates for best are non-empty samples (truncated ones only with `keep_truncated`); for
+    worst, any non-empty sample. Ties go to the lowest sample index. A pair needs two different
+    texts and, when no verifier decided it, best - worst > min_gap. Raises ValueError for a candidate whose prompt_id
+    is not in `prompts`. `best_record(prompt, best, round)` and `pair_record(prompt, best,
+    worst, round)` build the kept rows (default: text chat and preference records; vision
+    rejection sampling passes its own).
     """
     best_record, pair_record = best_record or _best_record, pair_record or _pair_record
     by_prompt: dict[str, list[dict]] = {pid: [] for pid in prompts}
@@ -351,23 +359,43 @@ def select(candidates: list[dict], prompts: dict[str, list[dict]], *, round: int
         if not eligible:
             out.skipped["no_complete_sample"] += 1
             continue
-        best = max(eligible, key=_total)  # max keeps the first of equals: the lowest index
+        verified = min_verifier_score is not None and any(_applies(c) for c in usable)
+        if verified:
+            passing = [c for c in eligible if _passes(c, min_verifier_score)]
+            if not passing:
+                out.skipped["all_failed"] += 1
+                continue
+            rejects = [c for c in usable if not _passes(c, min_verifier_score)]
+        else:
+            passing, rejects = eligible, usable
+        best = max(passing, key=_total)  # max keeps the first of equals: the lowest index
         if min_score is not None and _total(best) < min_score:
             out.skipped["below_min_score"] += 1
             continue
-        if min_verifier_score is not None and any(
-                v is not None and v < min_verifier_score for v in best["scores"]["verifiers"].values()):
-            out.skipped["unverified"] += 1
-            continue
         out.best.append(best_record(prompts[prompt_id], best, round))
-        if pairs:
-            worst = min(usable, key=_total)
-            reason = _pair_problem(best, worst, min_gap)
-            if reason:
-                out.skipped[reason] += 1
-            else:
-                out.pairs.append(pair_record(prompts[prompt_id], best, worst, round))
+        if not pairs:
+            continue
+        if not rejects:
+            out.skipped["pair_none_failed"] += 1
+            continue
+        worst = min(rejects, key=_total)
+        # Verified: the verifier already separates the two (a wrong answer the RM scores higher
+        # is still the rejected side), so only the reward-ranked pair needs a score gap.
+        reason = _pair_problem(best, worst, None if verified else min_gap)
+        if reason:
+            out.skipped[reason] += 1
+        else:
+            out.pairs.append(pair_record(prompts[prompt_id], best, worst, round))
     return out
+
+
+def _applies(candidate: dict) -> bool:
+    """True if some verifier scored this sample (None: the check does not apply to its prompt)."""
+    return any(v is not None for v in candidate["scores"]["verifiers"].values())
+
+
+def _passes(candidate: dict, threshold: float) -> bool:
+    return all(v is None or v >= threshold for v in candidate["scores"]["verifiers"].values())
 
 
 def _total(candidate: dict) -> float:
@@ -380,9 +408,10 @@ def _sample_order(candidate: dict) -> tuple:
     return (0, int(k), "") if k.isdigit() else (1, 0, candidate["sample_id"])
 
 
-def _pair_problem(best: dict, worst: dict, min_gap: float) -> str | None:
-    """Why best and worst make no pair (equal scores, the best being the worst included), or None."""
-    if not _total(best) - _total(worst) > min_gap:
+def _pair_problem(best: dict, worst: dict, min_gap: float | None) -> str | None:
+    """Why best and worst make no pair (equal scores, the best being the worst included; no gap
+    is needed with `min_gap` None), or None."""
+    if min_gap is not None and not _total(best) - _total(worst) > min_gap:
         return "pair_small_gap"
     if best["completion"].strip() == worst["completion"].strip():
         return "pair_same_text"  # e.g. verifiers that read the prompt's metadata, or RM noise

@@ -83,8 +83,14 @@ def training_records(cfg: Recipe, ctx: StageContext) -> tuple[list[dict], list[d
         report.append({"source": "safety", "read": len(safety), "skipped": 0, "reasons": [],
                        "used": len(safety), **safety_report})
     if not records:
+        hint = ""
+        if ctx.inputs.get("rs_best"):
+            hint = ("; rejection sampling kept no sample (its metrics.json 'skipped' says why: "
+                    "'all_failed' counts prompts where no sample passed the verifiers, so the "
+                    "policy needs more round-0 training, more prompts or samples, or a lower "
+                    "rejection_sampling.min_verifier_score)")
         raise StageError(f"{ctx.label}: no training examples (sft.data, rejection sampling and "
-                         "synthetic data are all empty)")
+                         f"synthetic data are all empty){hint}")
     random.Random(ctx.seed).shuffle(records)
     return records, report
 
