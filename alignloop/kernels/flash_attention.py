@@ -30,6 +30,7 @@ CPU tests use fp32 and fp16.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -245,15 +246,37 @@ class Blocks:
     bwd_n: int  # backward: keys per dK/dV program and per dQ loop step
     warps: int
     stages: int
+    bwd_warps: int | None = None  # the backward's, when they differ from the forward's
+    bwd_stages: int | None = None
 
 
-def default_blocks(head_dim: int) -> Blocks:
-    """Untuned starting points (no GPU has measured them yet; benchmarks/attention.py will).
+# Hopper (compute capability 9.x), from the tile sweep of benchmarks/gpu/suite.py on an H200
+# (8K causal bf16, 32 query / 8 key-value heads; docs/benchmarks.md, "GPU suite"). The forward
+# and the backward were timed separately; for head_dim 128 the backward at 4 warps ran in half
+# the time of the untuned 8 warps.
+HOPPER_BLOCKS = {
+    64: Blocks(128, 64, 64, 64, 8, 3, bwd_warps=4, bwd_stages=3),
+    128: Blocks(64, 64, 64, 64, 4, 3, bwd_warps=4, bwd_stages=2),
+}
 
-    The backward keeps two (or, for dQ, one) fp32 accumulators of tile x head_dim plus the
-    recomputed (tile x tile) probabilities in registers, so it gets smaller tiles than the forward."""
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def default_blocks(head_dim: int, device: torch.device | None = None) -> Blocks:
+    """Tile sizes for this head dim on this device.
+
+    Hopper GPUs get the measured `HOPPER_BLOCKS` (head dims up to 64 and up to 128); any other
+    GPU, and head dims above 128, get untuned starting points. The backward keeps two (or, for
+    dQ, one) fp32 accumulators of tile x head_dim plus the recomputed (tile x tile)
+    probabilities in registers, so it gets smaller tiles than the forward."""
     if INTERPRETED:
         return Blocks(16, 16, 16, 16, 1, 1)
+    if device is not None and device.type == "cuda" and head_dim <= 128:
+        if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] == 9:
+            return HOPPER_BLOCKS[64 if head_dim <= 64 else 128]
     if head_dim <= 64:
         return Blocks(128, 64, 64, 64, 4, 3)
     return Blocks(128, 64, 64, 64, 8, 2)
@@ -353,7 +376,8 @@ def _backward(do, q, k, v, out, lse, lo, hi, mask, scale: float, blocks: Blocks)
     m_ptr, m_strides = _mask_args(mask, lo)
     group = Hq // Hkv
     common = dict(GROUP=group, HAS_MASK=mask is not None, PRECISION=_precision(q.dtype),
-                  BLOCK_D=_block_d(D), num_warps=blocks.warps, num_stages=blocks.stages)
+                  BLOCK_D=_block_d(D), num_warps=blocks.bwd_warps or blocks.warps,
+                  num_stages=blocks.bwd_stages or blocks.stages)
     q_start, q_end = query_block_ranges(lo, hi, Lk, blocks.bwd_m, blocks.bwd_n)
     n_kb = q_start.shape[1]
     _bwd_dkdv_kernel[(n_kb, B * Hkv)](
@@ -412,7 +436,7 @@ def flash_attention_ranges(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    blocks = blocks or default_blocks(q.shape[-1])
+    blocks = blocks or default_blocks(q.shape[-1], q.device)
     return _FlashAttention.apply(q, k, v, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(),
                                  mask, scale, blocks)
 

@@ -192,7 +192,7 @@ class _LinearLogProbs(torch.autograd.Function):
             if needs_h:
                 grad_h[s:e] = (dlogits.to(dtype) @ w).to(hidden.dtype)  # (c, H)
             if needs_w:
-                grad_w.addmm_(dlogits.t(), h.to(acc))  # (V, c) @ (c, H)
+                _accumulate_weight_grad(grad_w, dlogits, h)  # (V, c) @ (c, H)
             if needs_b:
                 grad_b += dlogits.sum(0)
             del dlogits
@@ -206,15 +206,35 @@ def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
+def _fp32_products(a: torch.Tensor) -> bool:
+    """Whether 16-bit products can be written straight to fp32 (`out_dtype`: CUDA only)."""
+    return a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16)
+
+
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """(c, H) x (V, H) -> `out` (c, V), the fp32 logits (matmul in the compute dtype)."""
     if h.dtype == out.dtype:
         torch.matmul(h, w.t(), out=out)
+    elif _fp32_products(h):  # no 16-bit (c, V) intermediate and no copy
+        torch.mm(h, w.t(), out_dtype=out.dtype, out=out)
     else:
         out.copy_(h @ w.t())
     if b is not None:
         out += b
     return out
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (V, H, fp32) += dlogits.T (V, c) @ h (c, H), summed in fp32 across chunks.
+
+    With 16-bit inputs on a GPU the product runs on the tensor cores from 16-bit operands with an
+    fp32 result, as autograd's own backward of a 16-bit matmul would (the logits gradient
+    rounded to the compute dtype); an fp32 product there ran 4x slower than the whole naive loss
+    on an H200 (docs/benchmarks.md, GPU suite). Elsewhere it stays in fp32."""
+    if _fp32_products(h):
+        torch.addmm(grad_w, dlogits.t().to(h.dtype), h, out_dtype=grad_w.dtype, out=grad_w)
+    else:
+        grad_w.addmm_(dlogits.t(), h.to(grad_w.dtype))
 
 
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
