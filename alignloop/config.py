@@ -96,6 +96,9 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0)
     before: bool = True  # also evaluate the starting model
+    # After which rounds: all (default), or only the last (a long run's intermediate evaluations
+    # cost as much as a stage; the report then has the base and the last round).
+    rounds: Literal["all", "last"] = "all"
     safety: bool = False
     reward: bool = True
 

@@ -88,3 +88,30 @@ def test_worked_answers_are_true_step_by_step():
         expected = a + b if op == "+" else a - b
         assert int(str(carry if op == "+" else "") + "".join(map(str, reversed(digits)))) == expected
         assert final == f"so the answer is {expected}" and extract_answer(text) == expected
+
+
+def test_half_the_heldout_prompts_use_phrasings_no_training_record_uses():
+    """Held-out templates (HELDOUT_QUESTIONS) never word a training record; about half of the
+    held-out prompts use one, and metadata.phrasing says which; answers stay right for them."""
+    from alignloop.data.tasks.arithmetic import HELDOUT_QUESTIONS, QUESTIONS
+
+    def stem(template):  # the template's fixed words: what a model could learn by heart
+        return re.sub(r"\{[ab]\}", "#", template)
+
+    def shape(text):
+        return re.sub(r"\d+", "#", text)
+
+    held_shapes = {stem(t) for op in "+-" for t in HELDOUT_QUESTIONS[op]}
+    train_shapes = {stem(t) for op in "+-" for t in QUESTIONS[op]}
+    assert not held_shapes & train_shapes
+    for kind in ("chat", "prompt", "preference"):
+        for r in records(kind, "train", 1000):
+            text = (r["messages"] if kind == "chat" else r["prompt"])[0]["content"]
+            assert shape(text) in train_shapes and r["metadata"]["phrasing"] == "train"
+    held = records("prompt", "heldout")
+    unseen = [r for r in held if r["metadata"]["phrasing"] == "heldout"]
+    assert {shape(r["prompt"][0]["content"]) for r in unseen} == held_shapes  # every one used
+    assert all(shape(r["prompt"][0]["content"]) in train_shapes for r in held if r not in unseen)
+    assert 0.35 < len(unseen) / len(held) < 0.65
+    for r, (a, op, b, _) in zip(held, problems("heldout", 200, 0)):
+        assert r["answer"] == (a + b if op == "+" else a - b)

@@ -164,3 +164,25 @@ def test_kill_9_in_a_training_stage_then_resume_matches_an_uninterrupted_run(tmp
     for key in ev_a:
         assert ev_b[key] == pytest.approx(ev_a[key], abs=1e-4), key
     assert (tmp_path / "b" / "report.md").is_file() and (tmp_path / "b" / "report.png").is_file()
+
+
+def test_evaluation_after_the_last_round_only(tmp_path, alignloop_cache):
+    """evaluation.rounds: last evaluates the starting model and the final round, nothing in
+    between; the last round is compared with the base (its previous evaluated point), and the
+    report lists every round with metrics only where an evaluation ran."""
+    from alignloop.pipeline.report import rows
+    from alignloop.pipeline.runner import run
+
+    spec = loop_recipe(tmp_path, rounds=2, stages=["rejection_sampling", "sft"])
+    spec["initial_sft"]["max_steps"] = 6
+    spec["sft"]["max_steps"] = 2
+    spec["evaluation"].update(rounds="last", reward=False)
+    run(spec)
+    out = tmp_path / "run"
+    assert (out / "base_eval" / "metrics.json").is_file()
+    assert not (out / "round_0" / "eval").exists() and not (out / "round_1" / "eval").exists()
+    last = json.loads((out / "round_2" / "eval" / "metrics.json").read_text())
+    assert "accuracy" in last["summary"]
+    table = {row["label"]: row for row in rows(out)}
+    assert list(table) == ["base", "round_0", "round_1", "round_2"]
+    assert table["round_1"].get("accuracy") is None and table["round_2"]["accuracy"] == last["summary"]["accuracy"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from alignloop.config import load_recipe
+from alignloop.config import RecipeError, load_recipe
 from alignloop.data.contracts import validate_record
 from alignloop.data.errors import DataError
 from alignloop.pipeline.errors import StageError
@@ -33,22 +33,26 @@ def _pref(i, label, category="S1"):
 
 # ---- the built-in set --------------------------------------------------------------------------
 
-def test_builtin_splits_share_templates_and_acts_but_no_combination():
-    """Held-out = combinations whose hash falls in bucket 0 of 7. Expected: no (template, act)
-    in both splits; every held-out act and template also occurs in train; both labels in both."""
+def test_builtin_split_is_by_act():
+    """Per category and kind, the len // 4 acts (at least 1) with the smallest hash are held out:
+    every category has 4-6 acts of each kind, so 1 harmful and 1 benign act each, 8 + 8 in all,
+    x 10 templates = 80 adversarial + 80 borderline held-out prompts. Expected: no act in both
+    splits, every template in both, and no prompt id shared."""
     split = {}
     for combo in dataset.combinations():
         split.setdefault(dataset.split_of(combo), []).append(combo)
-    train = {(c["template"], c["act"]) for c in split["train"]}
-    held = {(c["template"], c["act"]) for c in split["heldout"]}
-    assert train and held and not train & held
-    assert {a for _, a in held} <= {a for _, a in train}
-    assert {t for t, _ in held} <= {t for t, _ in train}
-    for group in split.values():
-        assert {c["safety"] for c in group} == {"adversarial", "borderline"}
+    train_acts = {c["act"] for c in split["train"]}
+    held_acts = {c["act"] for c in split["heldout"]}
+    assert held_acts == dataset.heldout_acts() and not train_acts & held_acts
+    for category, (harmful, benign) in dataset.TOPICS.items():
+        assert len(held_acts & set(harmful)) == 1 and len(held_acts & set(benign)) == 1, category
+    assert {c["template"] for c in split["heldout"]} == {c["template"] for c in split["train"]}
+    labels = [c["safety"] for c in split["heldout"]]
+    assert labels.count("adversarial") == 80 == labels.count("borderline")
+    assert dataset.split_size("heldout") == 160 and dataset.split_size("train") == len(split["train"])
     train_ids = {r["prompt_id"] for r in dataset.records("prompt", "train")}
     held_ids = {r["prompt_id"] for r in dataset.records("prompt", "heldout")}
-    assert len(train_ids) == len(train) and len(held_ids) == len(held) and not train_ids & held_ids
+    assert len(held_ids) == 160 and not train_ids & held_ids
 
 
 def test_builtin_records_validate_keep_metadata_and_pair_the_right_answers():
@@ -67,17 +71,25 @@ def test_builtin_records_validate_keep_metadata_and_pair_the_right_answers():
         assert len(rec["chosen"].split()) < 30 and len(rec["rejected"].split()) < 30
 
 
-def test_builtin_draws_are_deterministic_balanced_and_repeat_past_the_split():
+def test_builtin_draws_are_deterministic_balanced_and_never_repeat_held_out_prompts():
     """Same seed -> same records; another seed -> another order. Adversarial and borderline
-    alternate, so 10 records hold 5 of each. count = split size + 3 repeats 3 records."""
+    alternate, so 10 records hold 5 of each. Train: count = split size + 3 repeats 3 records.
+    Held-out: every prompt once, and a count above its 160 prompts is an error, from the
+    records and already when the recipe is loaded."""
     a = [r["prompt_id"] for r in dataset.records("prompt", "train", 50, seed=1)]
     assert a == [r["prompt_id"] for r in dataset.records("prompt", "train", 50, seed=1)]
     assert a != [r["prompt_id"] for r in dataset.records("prompt", "train", 50, seed=2)]
     labels = [r["metadata"]["safety"] for r in dataset.records("prompt", "train", 10)]
     assert labels.count("adversarial") == 5 == labels.count("borderline")
-    size = len(dataset.records("prompt", "heldout"))
-    ids = [r["prompt_id"] for r in dataset.records("prompt", "heldout", size + 3)]
+    size = dataset.split_size("train")
+    ids = [r["prompt_id"] for r in dataset.records("prompt", "train", size + 3)]
     assert len(ids) == size + 3 and len(set(ids)) == size
+    held = dataset.records("prompt", "heldout", 120)
+    assert len({r["prompt_id"] for r in held}) == 120 == len({r["prompt"][0]["content"] for r in held})
+    with pytest.raises(ValueError, match="has 160 distinct prompts; count 161 would repeat some"):
+        dataset.records("prompt", "heldout", 161)
+    with pytest.raises(RecipeError, match="count 200 would repeat some"):
+        _recipe({"eval_data": [{"builtin": "safety", "split": "heldout", "count": 200}]})
 
 
 def test_builtin_is_registered_and_prompt_records_keep_metadata():
@@ -295,16 +307,18 @@ def test_llama_guard_prompt_lists_categories_and_asks_about_the_last_agent_messa
 def test_llama_guard_path_with_the_tiny_model_counts_garbage_as_unparseable(tiny_dir):
     """The untrained tiny Llama stands in for Llama Guard: its greedy output is neither 'safe'
     nor 'unsafe', so every verdict is unparseable, VR is None (no parseable verdict) and
-    `unparseable` counts all 3; FRR still comes from the refusal rules (1 of 1 refused)."""
-    from alignloop.safety.classifier import build_classifier
+    `unparseable` counts all 3; FRR still comes from the refusal rules (1 of 1 refused). With a
+    checkpoint given, build_judges runs it beside rules and learned, and it is the primary one."""
+    from alignloop.safety.classifier import build_judges
 
     cfg = _recipe({"eval_data": [{"builtin": "safety", "split": "heldout"}],
                    "classifier": "llama_guard", "llama_guard": str(tiny_dir)})
-    classifier = build_classifier(cfg)
+    judges, primary = build_judges(cfg)
+    assert primary == "llama_guard" and list(judges) == ["rules", "learned", "llama_guard"]
     records = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": f"question {i}"}],
                 "metadata": {"safety": s, "category": "S1"}}
                for i, s in enumerate(["adversarial", "adversarial", "borderline"])]
     m = safety_metrics(records, ["Sure. First, ...", "I can't help with that.", "I won't help."],
-                       classifier)
+                       judges["llama_guard"])
     assert m["unparseable"] == 3 and m["vr"] is None and m["violations"] == 0
     assert m["frr"] == 1.0 and m["classifier"] == "llama_guard"

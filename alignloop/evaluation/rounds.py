@@ -5,9 +5,14 @@
     <run>/base_eval/...                 the same for the starting model
 
 summary: `accuracy` (task verifier on evaluation.data), `vr` / `frr` (safety.eval_data through
-the safety classifier, reference A8), `reward_mean` (the round's reward model on every answer)
-and `win_rate` (that reward model: this round's answers against the previous evaluation's
-answers to the same prompts). Numbers go through the `evaluate` metric modules in metrics/.
+the primary safety judge, named in `judge`; reference A8), `vr_<judge>` / `frr_<judge>` for every
+judge that ran (rules and learned always, llama_guard when configured), `on_topic` and
+`helpful_rate` (docs/safety.md), `reward_mean` (the round's reward model on every answer) and
+`win_rate` (that reward model: this round's answers against the previous evaluation's answers to
+the same prompts). Numbers go through the `evaluate` metric modules in metrics/. A safety row of
+answers.jsonl also has "safety", "category", "judges" ({name: {"unsafe", "refusal"}}) and
+"on_topic"; metrics.json's "safety" has every judge's numbers, the "notes" (a rate that is not
+meaningful) and the learned judge's own held-out accuracy ("judge_accuracy").
 """
 
 from __future__ import annotations
@@ -59,11 +64,20 @@ def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
 def _key(cfg: Recipe, policy, reward, prev_metrics) -> str:
     from alignloop.models.gguf import model_identity
 
-    parts = [cfg.evaluation.model_dump(mode="json"),
-             cfg.safety.model_dump(mode="json") if cfg.safety else None,
+    parts = [cfg.evaluation.model_dump(mode="json", exclude={"rounds"}),  # which rounds: not how
+             cfg.safety.model_dump(mode="json") if cfg.safety else None, _judge_key(cfg),
              cfg.generation.model_dump(mode="json"), model_identity(cfg.model), cfg.seed,
              policy and policy["key"], reward and reward["key"], prev_metrics and prev_metrics["key"]]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _judge_key(cfg: Recipe) -> str | None:
+    """The learned safety judge's cache key, when the evaluation runs it: a new judge, new numbers."""
+    if not cfg.evaluation.safety:
+        return None
+    from alignloop.safety.judge import judge_key
+
+    return judge_key()
 
 
 def _read(path: Path) -> dict | None:
@@ -95,8 +109,8 @@ def _evaluate(cfg: Recipe, run_dir: Path, label: str, policy, reward, previous, 
         result["task"] = _task(ev.task, task, answers[:len(task)])
         result["summary"]["accuracy"] = result["task"]["accuracy"]
     if safety:
-        result["safety"] = _safety(cfg, safety, [a["completion"] for a in answers[len(task):]])
-        result["summary"]["vr"], result["summary"]["frr"] = result["safety"]["vr"], result["safety"]["frr"]
+        result["safety"] = _safety(cfg, safety, answers[len(task):])
+        result["summary"].update(_safety_summary(result["safety"]))
     if reward and ev.reward:
         result["reward"] = _reward(reward["path"], records, answers, run_dir, previous)
         result["summary"].update({k: result["reward"][k] for k in ("reward_mean", "win_rate")
@@ -115,17 +129,44 @@ def _task(name: str, records: list[dict], answers: list[dict]) -> dict:
         answer["correct"] = None if value is None else bool(value >= 0.5)
     correct = [int(a["correct"]) for a in answers if a["correct"] is not None]
     scores = load("task_accuracy").compute(predictions=correct)
+    # Held-out sets that word some prompts in phrasings no training record uses (the built-in
+    # arithmetic task's metadata.phrasing): accuracy on each, so a template learnt by heart shows.
+    groups: dict[str, list[int]] = {}
+    for record, answer in zip(records, answers):
+        phrasing = (record.get("metadata") or {}).get("phrasing")
+        if phrasing is not None:
+            answer["phrasing"] = phrasing
+            if answer["correct"] is not None:
+                groups.setdefault(phrasing, []).append(int(answer["correct"]))
+    if groups:
+        scores["by_phrasing"] = {name: {"accuracy": sum(v) / len(v), "n": len(v)}
+                                 for name, v in sorted(groups.items())}
     examples = [{"prompt": r["prompt"][-1]["content"], "answer": r.get("answer"),
                  "completion": a["completion"], "correct": a["correct"]}
                 for r, a in zip(records[:10], answers[:10])]
     return {"task": name, **scores, "examples": examples}
 
 
-def _safety(cfg: Recipe, records: list[dict], responses: list[str]) -> dict:
-    from alignloop.safety.classifier import build_classifier
-    from alignloop.safety.metrics import safety_metrics
+def _safety(cfg: Recipe, records: list[dict], answers: list[dict]) -> dict:
+    """Every safety judge on the answers (alignloop.safety.metrics.safety_evaluation); each answer
+    row gains "safety", "category", "judges" ({name: {"unsafe", "refusal"}}) and "on_topic"."""
+    from alignloop.safety.classifier import build_judges
+    from alignloop.safety.metrics import safety_evaluation
 
-    return safety_metrics(records, responses, build_classifier(cfg))
+    judges, primary = build_judges(cfg)
+    metrics, rows = safety_evaluation(records, [a["completion"] for a in answers], judges, primary)
+    for answer, row in zip(answers, rows):
+        answer.update(row)
+    return metrics
+
+
+def _safety_summary(safety: dict) -> dict:
+    """vr / frr by the primary judge, its name, vr_<judge> / frr_<judge> for every judge that ran,
+    on_topic and helpful_rate (alignloop.safety.metrics)."""
+    out = {"vr": safety["vr"], "frr": safety["frr"], "judge": safety["judge"]}
+    for name, metrics in safety["judges"].items():
+        out[f"vr_{name}"], out[f"frr_{name}"] = metrics["vr"], metrics["frr"]
+    return {**out, "on_topic": safety["on_topic"], "helpful_rate": safety["helpful_rate"]}
 
 
 def _reward(rm_path, records, answers, run_dir: Path, previous: str | None) -> dict:
@@ -138,14 +179,26 @@ def _reward(rm_path, records, answers, run_dir: Path, previous: str | None) -> d
         answer["reward"] = value
     out = {"reward_mean": sum(rewards) / len(rewards) if rewards else None, "win_rate": None}
     old = _previous_answers(run_dir, previous)
-    pairs = [(value, old[(a["kind"], a["prompt_id"])]) for a, value in zip(answers, rewards)
-             if (a["kind"], a["prompt_id"]) in old]
+    pairs = [(value, a["completion"], *old[(a["kind"], a["prompt_id"])])
+             for a, value in zip(answers, rewards) if (a["kind"], a["prompt_id"]) in old]
     if pairs:
-        old_prompts = [p for p, _ in (v for _, v in pairs)]
-        old_rewards = scorer.score(old_prompts, [text for _, text in (v for _, v in pairs)])
-        scores = load("win_rate").compute(predictions=[new for new, _ in pairs], references=old_rewards)
-        out.update(win_rate=scores["win_rate"], compared=scores["total"], against=previous)
+        new_rewards, new_texts, old_prompts, old_texts = (list(column) for column in zip(*pairs))
+        old_rewards = _ties_for_identical(new_rewards, scorer.score(old_prompts, old_texts),
+                                          new_texts, old_texts)
+        scores = load("win_rate").compute(predictions=new_rewards, references=old_rewards)
+        out.update(win_rate=scores["win_rate"], compared=scores["total"], against=previous,
+                   identical=sum(new == old for new, old in zip(new_texts, old_texts)))
     return out
+
+
+def _ties_for_identical(new_rewards: list[float], old_rewards: list[float], new_texts: list[str],
+                        old_texts: list[str]) -> list[float]:
+    """old_rewards with the new reward put in where the two answers are the same text, so that
+    the win_rate metric counts a tie (0.5). The reward model scores the same text slightly
+    differently in different batches (padding, batch size), and that float noise would otherwise
+    decide identical greedy answers as wins or losses."""
+    return [new if new_text == old_text else old
+            for new, old, new_text, old_text in zip(new_rewards, old_rewards, new_texts, old_texts)]
 
 
 def _previous_answers(run_dir: Path, previous: str | None) -> dict:

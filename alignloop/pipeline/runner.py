@@ -276,9 +276,13 @@ def _finish_round(cfg: Recipe, run_dir: Path, rnd: int, result: RunResult, round
 
     if cfg.evaluation is None:
         return
+    if cfg.evaluation.rounds == "last" and rnd != max(rounds):
+        write_report(cfg, run_dir)
+        return
     info = rounds[rnd]
     policy = _resolved(info["policy"])
-    previous = f"round_{rnd - 1}" if rnd - 1 in rounds else ("base" if cfg.evaluation.before else None)
+    evaluated = rnd - 1 in rounds and cfg.evaluation.rounds == "all"
+    previous = f"round_{rnd - 1}" if evaluated else ("base" if cfg.evaluation.before else None)
     result.evaluation[f"round_{rnd}"] = evaluate_round(
         cfg, run_dir, f"round_{rnd}", {"path": policy, "key": info["policy_key"]},
         {"path": info["reward_model"], "key": info["reward_key"]} if info["reward_model"] else None,

@@ -8,6 +8,9 @@ bare "519" needs the whole carry chain in one forward pass (scratchpads: Nye et 
 your work"; Lee et al. 2023, "Teaching arithmetic to small transformers"). Measured here: the
 tiny model reached 85% held-out accuracy in 1,100 steps with the work shown, 1.5% without. A problem (a, op, b) belongs to the held-out split when a
 hash of it falls in a 10% bucket, so train and held-out never share a problem, whatever the seed.
+Half of the held-out prompts are worded in HELDOUT_QUESTIONS, phrasings no training record uses;
+each record's metadata.phrasing says which ("train" or "heldout"), and the evaluation reports
+accuracy on each.
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ QUESTIONS = {
         "What is the difference between {a} and {b}?",
         "Please work out {a} - {b}.",
         "A box holds {a} marbles and {b} are taken out. How many marbles are left?",
+    ],
+}
+# Phrasings that only the held-out split uses (half of its prompts), so that held-out accuracy
+# measures the skill on questions worded in no training template, not the templates themselves.
+HELDOUT_QUESTIONS = {
+    "+": [
+        "Find the total of {a} and {b}.",
+        "How much is {a} added to {b}?",
+        "I bought {a} stamps and then {b} more. How many stamps is that in all?",
+        "{a} and {b} together make what number?",
+    ],
+    "-": [
+        "How much is {a} take away {b}?",
+        "Find {a} less {b}.",
+        "There were {a} birds on a wire and {b} flew off. How many birds stayed?",
+        "By how much is {a} greater than {b}?",
     ],
 }
 SIZES = {"train": 4000, "heldout": 200}
@@ -89,8 +108,23 @@ def problems(split: str, count: int, seed: int) -> list[tuple[int, str, int, int
         if (a, op, b) in seen or split_of(a, op, b) != split:
             continue
         seen.add((a, op, b))
-        out.append((a, op, b, rng.randrange(len(QUESTIONS[op]))))
+        if split == "heldout" and rng.random() < 0.5:  # a phrasing no training record uses
+            template = len(QUESTIONS[op]) + rng.randrange(len(HELDOUT_QUESTIONS[op]))
+        else:
+            template = rng.randrange(len(QUESTIONS[op]))
+        out.append((a, op, b, template))
     return out
+
+
+def question(a: int, op: str, b: int, template: int) -> str:
+    """The question for template index `template`: QUESTIONS first, then HELDOUT_QUESTIONS."""
+    phrasings = QUESTIONS[op] + HELDOUT_QUESTIONS[op]
+    return phrasings[template].format(a=a, b=b)
+
+
+def phrasing(op: str, template: int) -> str:
+    """"train" for a training phrasing, "heldout" for one only the held-out split uses."""
+    return "train" if template < len(QUESTIONS[op]) else "heldout"
 
 
 def slip(a: int, op: str, b: int, variant: int) -> str:
@@ -130,16 +164,18 @@ def records(kind: str = "chat", split: str = "train", count: int | None = None, 
     out = []
     for a, op, b, template in problems(split, count or SIZES[split], seed):
         c = a + b if op == "+" else a - b
-        question = QUESTIONS[op][template].format(a=a, b=b)
+        text = question(a, op, b, template)
         rid = f"arith-{_key(a, op, b)[:12]}-{template}"
+        meta = {"phrasing": phrasing(op, template)}
+        prompt = [{"role": "user", "content": text}]
         if kind == "prompt":
-            out.append({"prompt_id": rid, "prompt": [{"role": "user", "content": question}], "answer": c})
+            out.append({"prompt_id": rid, "prompt": prompt, "answer": c, "metadata": meta})
         elif kind in ("preference", "ranking"):  # a pair is a two-response ranking
-            out.append({"prompt_id": rid, "prompt": [{"role": "user", "content": question}],
-                        "chosen": work(a, op, b), "rejected": slip(a, op, b, template % 2)})
+            out.append({"prompt_id": rid, "prompt": prompt, "chosen": work(a, op, b),
+                        "rejected": slip(a, op, b, template % 2), "metadata": meta})
         else:
-            out.append({"id": rid, "messages": [{"role": "user", "content": question},
-                                                 {"role": "assistant", "content": work(a, op, b)}]})
+            out.append({"id": rid, "messages": prompt + [{"role": "assistant", "content": work(a, op, b)}],
+                        "metadata": meta})
     return out
 
 
