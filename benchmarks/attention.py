@@ -20,35 +20,17 @@ synchronised with CUDA events. Results go to docs/benchmarks.md by hand, with th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu.common import time_ms  # noqa: E402
+from benchmarks.gpu.kernel_sections import fwd_bwd_step, sdpa_attention  # noqa: E402
+
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TILE_TOKENS, TILES = 1601, 4  # Llama 3.2 Vision: 1600 patches + 1 class token per 560 px tile
-
-
-def _time_ms(fn, reps: int) -> float:
-    fn()  # warm-up (and Triton compilation)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _fwd_bwd(attend, q, k, v, dout):
-    def step():
-        for t in (q, k, v):
-            t.grad = None
-        attend(q, k, v).backward(dout)
-    return step
 
 
 def _inputs(q_len: int, k_len: int):
@@ -61,17 +43,6 @@ def _inputs(q_len: int, k_len: int):
     k, v = randn(1, KV_HEADS, k_len, HEAD_DIM), randn(1, KV_HEADS, k_len, HEAD_DIM)
     dout = torch.randn(1, q_len, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     return q, k, v, dout
-
-
-def _sdpa(mask=None, causal=False, backend=None):
-    from torch.nn.attention import sdpa_kernel
-
-    def attend(q, k, v):
-        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return out.transpose(1, 2)
-    return attend
 
 
 def _flash_attn(causal: bool):
@@ -98,7 +69,7 @@ def _row(name: str, shape: str, pairs: int, candidates, q, k, v, dout, reps: int
             err = 0.0 if reference is None else (out.float() - reference).abs().max().item()
             reference = out.float() if reference is None else reference
             del out
-            ms = _time_ms(_fwd_bwd(attend, q, k, v, dout), reps)
+            ms = time_ms(fwd_bwd_step(attend, q, k, v, dout), "cuda", reps)
             tflops = _tflops(pairs, ms)
             print(f"| {name} | {shape} | {label} | {ms:.2f} | {tflops:.0f} | {err:.1e} |", flush=True)
         except torch.OutOfMemoryError:
@@ -117,7 +88,7 @@ def causal_rows(lengths, reps: int) -> None:
         q, k, v, dout = _inputs(n, n)
         pairs = n * (n + 1) // 2
         _row("causal", f"{n // 1024}K", pairs, [
-            ("sdpa (flash)", _sdpa(causal=True, backend=SDPBackend.FLASH_ATTENTION)),
+            ("sdpa (flash)", sdpa_attention(SDPBackend.FLASH_ATTENTION, causal=True)),
             ("alignloop", lambda q, k, v: flash_attention(q, k, v, causal=True)),
             ("flash-attn", _flash_attn(causal=True)),
         ], q, k, v, dout, reps)
@@ -142,7 +113,7 @@ def cross_rows(text_lengths, images_list, reps: int) -> None:
             seen = mask.any(-1, keepdim=True)
             sdpa_mask = (mask | ~seen)[:, None]  # (1, 1, Lq, Lk): empty rows see all, zeroed below
             q, k, v, dout = _inputs(text_len, mask.shape[-1])
-            plain = _sdpa(mask=sdpa_mask)
+            plain = sdpa_attention(mask=sdpa_mask)
 
             def sdpa_masked(q, k, v, plain=plain, seen=seen):
                 return plain(q, k, v) * seen[..., None]

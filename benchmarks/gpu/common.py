@@ -8,6 +8,7 @@ the rest of a device lease.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -59,9 +60,16 @@ def time_ms(fn, device: str, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def reset_peak(device: str) -> None:
+def release(device: str) -> None:
+    """Frees what Python no longer references and, on a GPU, the allocator's cached blocks."""
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def reset_peak(device: str) -> None:
+    release(device)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
 

@@ -15,7 +15,8 @@ import itertools
 
 import torch
 
-from benchmarks.gpu.common import Context, failure, peak_gib, rel_error, reset_peak, synchronize, time_ms
+from benchmarks.gpu.common import (Context, failure, peak_gib, rel_error, release, reset_peak, synchronize,
+                                   time_ms)
 
 # Llama 3 8B / 3.2 attention heads for speed; the 1B model's head_dim 64 is checked too.
 HEADS, KV_HEADS = 32, 8
@@ -150,7 +151,7 @@ def attention_correctness(ctx: Context) -> list[dict]:
 # Attention speed
 
 
-def _sdpa(backend=None, mask=None, causal=False, expand_kv=False):
+def sdpa_attention(backend=None, mask=None, causal=False, expand_kv=False):
     """sdpa with `enable_gqa`; `expand_kv` repeats the key/value heads first instead (what
     transformers' sdpa path does), for backends without GQA (memory-efficient)."""
     import contextlib
@@ -168,7 +169,7 @@ def _sdpa(backend=None, mask=None, causal=False, expand_kv=False):
     return attend
 
 
-def _fwd_bwd(attend, q, k, v, dout):
+def fwd_bwd_step(attend, q, k, v, dout):
     def step():
         for t in (q, k, v):
             t.grad = None
@@ -198,15 +199,14 @@ def _time_candidates(ctx, row_base, candidates, q, k, v, dout, pairs, D, reps) -
         row = dict(row_base, implementation=label)
         try:
             fwd = time_ms(lambda: attend(q, k, v), ctx.device, reps)
-            both = time_ms(_fwd_bwd(attend, q, k, v, dout), ctx.device, reps)
+            both = time_ms(fwd_bwd_step(attend, q, k, v, dout), ctx.device, reps)
             row.update(fwd_ms=round(fwd, 3), fwd_bwd_ms=round(both, 3),
                        fwd_tflops=round(_tflops(pairs, D, fwd, 1.0), 1),
                        fwd_bwd_tflops=round(_tflops(pairs, D, both, 3.5), 1), status="ok")
         except Exception as err:  # noqa: BLE001
             row["status"] = failure(err)
         rows.append(row)
-        if ctx.device == "cuda":
-            torch.cuda.empty_cache()
+        release(ctx.device)
     return rows
 
 
@@ -226,8 +226,8 @@ def attention_speed(ctx: Context) -> list[dict]:
         q, k, v, dout = _attention_inputs(ctx, n, n, D)
         candidates = [("alignloop", lambda q, k, v: flash_attention(q, k, v, causal=True))]
         if not ctx.dry_run:
-            candidates += [("sdpa flash", _sdpa(SDPBackend.FLASH_ATTENTION, causal=True)),
-                           ("sdpa efficient", _sdpa(SDPBackend.EFFICIENT_ATTENTION, causal=True, expand_kv=True))]
+            candidates += [("sdpa flash", sdpa_attention(SDPBackend.FLASH_ATTENTION, causal=True)),
+                           ("sdpa efficient", sdpa_attention(SDPBackend.EFFICIENT_ATTENTION, causal=True, expand_kv=True))]
         base = dict(section="attention_speed", variant="causal", shape=f"{n // 1024}K" if n >= 1024 else str(n),
                     dtype=str(q.dtype)[6:], head_dim=D)
         rows += _time_candidates(ctx, base, candidates, q, k, v, dout, n * (n + 1) // 2, D,
@@ -248,7 +248,7 @@ def attention_speed(ctx: Context) -> list[dict]:
         seen = sees.any(-1, keepdim=True)
         dense = (sees | ~seen)[:, None]  # (1, 1, Lq, Lk)
         q, k, v, dout = _attention_inputs(ctx, text_len, sees.shape[-1], D, seed=1)
-        plain = _sdpa(mask=dense)
+        plain = sdpa_attention(mask=dense)
 
         def sdpa_masked(q, k, v, plain=plain, seen=seen):
             return plain(q, k, v) * seen[..., None]
@@ -338,7 +338,7 @@ def attention_tiles(ctx: Context) -> list[dict]:
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 diff = max(rel_error(g, r) for g, r in zip(grads, ref_grads))
                 row["rel_diff_vs_default"] = f"{diff:.1e}"
-                both = time_ms(_fwd_bwd(lambda q, k, v: fa.flash_attention(q, k, v, causal=True, blocks=blocks),
+                both = time_ms(fwd_bwd_step(lambda q, k, v: fa.flash_attention(q, k, v, causal=True, blocks=blocks),
                                         q, k, v, dout), ctx.device, reps)
                 row["fwd_bwd_ms"] = round(both, 3)
                 if fwd_ms is not None:
@@ -485,6 +485,5 @@ def fused_loss(ctx: Context) -> list[dict]:
             except Exception as err:  # noqa: BLE001
                 row["status"] = failure(err)
             rows.append(row)
-            if ctx.device == "cuda":
-                torch.cuda.empty_cache()
+            release(ctx.device)
     return rows

@@ -16,7 +16,6 @@ model in fp32; its numbers mean nothing, but the two LoRA paths' losses must agr
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
@@ -24,7 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.gpu.common import Context, failure, peak_gib, reset_peak, synchronize
+from benchmarks.gpu.common import Context, failure, peak_gib, release, reset_peak, synchronize
 
 # Llama 3.2 1B (../shared/reference/llama3-post-training.md, section D) and a tiny stand-in.
 LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -59,12 +58,6 @@ def build_model(ctx: Context, seed: int = 0) -> LlamaForCausalLM:
 
 def random_tokens(ctx: Context, shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(ctx.device)
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _gib(device: str) -> float | None:
@@ -120,7 +113,7 @@ def lora_long_context(ctx: Context) -> list[dict]:
     finally:
         logging.getLogger("alignloop.kernels").removeHandler(kernel_log)
         del model
-        free_memory(ctx.device)
+        release(ctx.device)
     if kernel_log.messages:
         ctx.notes.append("lora_1b: alignloop.kernels warned: " + "; ".join(kernel_log.messages))
     return rows
@@ -186,7 +179,7 @@ def _lora_config(ctx: Context, model, start, path: str, tokens: int, warmup_toke
         result = {"status": failure(err)}
     finally:
         _restore(model, start)
-        free_memory(ctx.device)  # the exception's frames are gone here: its tensors can go too
+        release(ctx.device)  # the exception's frames are gone here: its tensors can go too
     return result
 
 
@@ -274,7 +267,7 @@ def rs_generation(ctx: Context) -> list[dict]:
     else:
         rows.append({**check, **_logprob_check(model, sequences[:8], prompt_len)})
     del model, sequences
-    free_memory(ctx.device)
+    release(ctx.device)
     return rows
 
 

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks.gpu.common import Context
+    from benchmarks.gpu.common import Context, release
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if device == "cpu" and not args.dry_run:
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows = [{"section": name, "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}]
         finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
         seconds = time.monotonic() - t0
         results["sections"][name] = {"seconds": round(seconds, 1), "rows": rows}
         results["notes"] += ctx.notes
