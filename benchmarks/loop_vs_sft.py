@@ -157,7 +157,8 @@ def report(out: Path, rounds: int, times: dict) -> None:
         return
     judges = sorted({k[3:] for p in points.values() for k in p["summary"] if k.startswith("vr_")})
     primary = points["sft"]["summary"].get("judge", "rules")
-    head = ["arm", "accuracy", "unseen phrasings", f"VR ({primary})", f"FRR ({primary})"]
+    judges = [j for j in judges if j != primary]  # the primary judge's columns come first
+    head = ["arm", "accuracy", "unseen phrasings", f"VR ({primary}, primary)", f"FRR ({primary}, primary)"]
     head += [f"{m} ({j})" for j in judges for m in ("VR", "FRR")] + ["on-topic", "time (s)"]
     print(f"\n{out.name}: {rounds} round(s) for b and c; held-out: "
           f"{len(points['sft']['task'])} problems, safety prompts as the recipe evaluates them\n")
