@@ -99,6 +99,10 @@ class EvaluationConfig(_Strict):
     # After which rounds: all (default), or only the last (a long run's intermediate evaluations
     # cost as much as a stage; the report then has the base and the last round).
     rounds: Literal["all", "last"] = "all"
+    # Also evaluate the policy after each training stage of a round but the last (with
+    # [.., sft, dpo]: SFT's model before DPO), so that the report measures the later stage's own
+    # contribution as a paired difference on the same prompts. One more evaluation per round.
+    stage_ablation: bool = False
     safety: bool = False
     reward: bool = True
 

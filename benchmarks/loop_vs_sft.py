@@ -22,7 +22,8 @@ Same budget: every arm sees the gold data of (a) and, beyond it, at most the pro
 rejection-sampling rounds (the same prompts in b, c and d: a round's seed picks them). Same
 held-out set (the recipe's evaluation: arithmetic held-out problems, half of them in phrasings
 no training record uses, and the held-out safety prompts). Printed: each arm's accuracy (all,
-and on unseen phrasings), VR and FRR under every judge the evaluation ran, time; then each arm
+and on unseen phrasings), VR and FRR under every judge the evaluation ran, time (recorded per stage
+and evaluation, and wall) with a per-stage breakdown; then each arm
 against (a), and (c) against (b), as paired differences with 95% bootstrap intervals over the
 same prompts. Record the tables in docs/benchmarks.md.
 """
@@ -45,7 +46,7 @@ RECIPES = {"tiny": ROOT / "recipes" / "quickstart.yaml",
            "real": ROOT / "recipes" / "smollm2_135m_loop.yaml"}
 ARMS = {"a": "sft", "b": "rs_sft", "c": "loop", "d": "oracle"}
 LABELS = {"sft": "(a) SFT only", "rs_sft": "(b) + RS -> SFT rounds", "loop": "(c) full loop",
-          "oracle": "(d) oracle SFT (upper bound)"}
+          "loop_sft": "(c-) full loop before its last DPO", "oracle": "(d) oracle SFT (upper bound)"}
 
 
 def main() -> None:
@@ -95,8 +96,8 @@ def build(arm: str, base: dict, out: Path, rounds: int) -> dict:
     recipe["model"] = {**base["model"], "path": str(start)}
     # (a)'s evaluation is the start; the arms are compared after their last round only
     recipe["evaluation"] = {**base["evaluation"], "before": False, "rounds": "last"}
-    if arm == "loop":
-        return {**recipe, "rounds": rounds}
+    if arm == "loop":  # + its SFT model before DPO in the last round: (c-) below
+        return {**recipe, "rounds": rounds, "evaluation": {**recipe["evaluation"], "stage_ablation": True}}
     rs = {**base["rejection_sampling"], "scoring": {
         "reward_model": 0.0, "verifiers": base["rejection_sampling"]["scoring"]["verifiers"]}}
     if arm == "rs_sft":
@@ -151,7 +152,9 @@ def run(recipe: Path, run_dir: Path, overrides: list[str], log: Path) -> None:
 def report(out: Path, rounds: int, times: dict) -> None:
     from alignloop.evaluation.stats import paired_bootstrap
 
-    points = {arm: final_eval(out / arm) for arm in ARMS.values()}
+    points = {arm: final_eval(out / arm) for arm in ("sft", "rs_sft", "loop")}
+    points["loop_sft"] = final_eval(out / "loop", inside="sft")
+    points["oracle"] = final_eval(out / "oracle")
     points = {arm: p for arm, p in points.items() if p is not None}
     if "sft" not in points:
         return
@@ -159,7 +162,7 @@ def report(out: Path, rounds: int, times: dict) -> None:
     primary = points["sft"]["summary"].get("judge", "rules")
     judges = [j for j in judges if j != primary]  # the primary judge's columns come first
     head = ["arm", "accuracy", "unseen phrasings", f"VR ({primary}, primary)", f"FRR ({primary}, primary)"]
-    head += [f"{m} ({j})" for j in judges for m in ("VR", "FRR")] + ["on-topic", "time (s)"]
+    head += [f"{m} ({j})" for j in judges for m in ("VR", "FRR")] + ["on-topic", "stages + evals (s)", "wall (s)"]
     print(f"\n{out.name}: {rounds} round(s) for b and c; held-out: "
           f"{len(points['sft']['task'])} problems, safety prompts as the recipe evaluates them\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -167,25 +170,65 @@ def report(out: Path, rounds: int, times: dict) -> None:
         s = p["summary"]
         cells = [LABELS[arm], _f(s.get("accuracy")), _f(p["unseen"]), _f(s.get("vr")), _f(s.get("frr"))]
         cells += [_f(s.get(f"{m}_{j}")) for j in judges for m in ("vr", "frr")]
-        cells += [_f(s.get("on_topic")), f"{times.get(arm, 0):.0f}"]
+        timed = (out / arm).is_dir()  # (c-) is a point inside (c)'s run
+        cells += [_f(s.get("on_topic")), recorded_seconds(out / arm) if timed else "(in c)",
+                  f"{times.get(arm, 0):.0f}" if timed else "(in c)"]
         print("| " + " | ".join(cells) + " |")
+    print("\nstages + evals: the seconds each stage's completing attempt and each evaluation "
+          "recorded (manifest.json, eval metrics.json), so a resumed arm is not undercounted; wall: "
+          "this script's time in the arm's `alignloop run` calls (model loading and imports included; "
+          "an interrupted call is not counted).\n")
+    for arm in points:
+        if (out / arm).is_dir():
+            print(f"- {LABELS[arm]}: {stage_breakdown(out / arm)}")
     print("\nPaired differences over the same held-out prompts (95% bootstrap interval, 10,000 "
           "resamples; gained / lost prompts):\n")
     print("| comparison | accuracy | unseen phrasings | VR | FRR |\n|---|---|---|---|---|")
     pairs = [(arm, "sft") for arm in ("rs_sft", "loop", "oracle") if arm in points]
-    pairs += [("loop", "rs_sft")] if {"loop", "rs_sft"} <= set(points) else []
+    pairs += [(new, old) for new, old in (("loop", "rs_sft"), ("loop", "loop_sft"), ("loop_sft", "rs_sft"))
+              if {new, old} <= set(points)]
     for new, old in pairs:
         cells = []
         for outcome in ("correct", "unseen", "unsafe", "refusal"):
             a, b = aligned(points[old], points[new], outcome)
             change = paired_bootstrap(a, b) if a else None
             cells.append(_diff(change) if change else "-")
-        print(f"| {LABELS[new][:3]} vs {LABELS[old][:3]} | " + " | ".join(cells) + " |")
+        print(f"| {LABELS[new].split()[0]} vs {LABELS[old].split()[0]} | " + " | ".join(cells) + " |")
+    if {"loop", "loop_sft", "rs_sft"} <= set(points):
+        print("\n(c) vs (c-): the last round's DPO on its own. (c-) vs (b): what the reward model adds "
+              "through RS selection (the RM-weighted score, RM training) and the earlier rounds' DPO.")
 
 
-def final_eval(run_dir: Path) -> dict | None:
-    """The last round's evaluation: summary, and per-prompt outcomes by (kind, prompt_id)."""
-    evals = sorted(run_dir.glob("round_*/eval/metrics.json"), key=lambda p: int(p.parts[-3][6:]))
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    stages = _read_json(run_dir / "manifest.json") or {}
+    return {label: rec.get("seconds", 0.0) for label, rec in stages.get("stages", {}).items()}
+
+
+def _eval_seconds(run_dir: Path) -> dict[str, float | None]:
+    found = sorted(run_dir.glob("base_eval/metrics.json")) + sorted(run_dir.glob("round_*/eval*/metrics.json"))
+    return {str(p.parent.relative_to(run_dir)): (_read_json(p) or {}).get("seconds") for p in found}
+
+
+def recorded_seconds(run_dir: Path) -> str:
+    """Stage seconds + evaluation seconds as the run recorded them ("+?": an evaluation written
+    before evaluations recorded their time is not counted)."""
+    evals = _eval_seconds(run_dir)
+    total = sum(_stage_seconds(run_dir).values()) + sum(v for v in evals.values() if v is not None)
+    return f"{total:.0f}" + ("+?" if any(v is None for v in evals.values()) else "")
+
+
+def stage_breakdown(run_dir: Path) -> str:
+    parts = [f"{label} {seconds:.0f}" for label, seconds in _stage_seconds(run_dir).items()]
+    parts += [f"{label} {'?' if seconds is None else f'{seconds:.0f}'}"
+              for label, seconds in _eval_seconds(run_dir).items()]
+    return ", ".join(parts) + " (s)"
+
+
+def final_eval(run_dir: Path, inside: str | None = None) -> dict | None:
+    """The last round's evaluation (`inside`: of the policy after that stage inside the round,
+    evaluation.stage_ablation): summary, and per-prompt outcomes by (kind, prompt_id)."""
+    name = f"eval_{inside}" if inside else "eval"
+    evals = sorted(run_dir.glob(f"round_*/{name}/metrics.json"), key=lambda p: int(p.parts[-3][6:]))
     if not evals:
         return None
     metrics = json.loads(evals[-1].read_text())

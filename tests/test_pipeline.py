@@ -186,3 +186,42 @@ def test_evaluation_after_the_last_round_only(tmp_path, alignloop_cache):
     table = {row["label"]: row for row in rows(out)}
     assert list(table) == ["base", "round_0", "round_1", "round_2"]
     assert table["round_1"].get("accuracy") is None and table["round_2"]["accuracy"] == last["summary"]["accuracy"]
+
+
+def test_stage_ablation_evaluates_sft_before_dpo(tmp_path, alignloop_cache):
+    """evaluation.stage_ablation: round 1 also evaluates SFT's model (before DPO) into
+    round_1/eval_sft; the report compares round_1 with it (DPO's own contribution, the paired
+    bootstrap of the two answer files) and it with round_0; a rerun evaluates nothing again."""
+    from alignloop.evaluation.stats import pair_answers, paired_bootstrap
+    from alignloop.pipeline.runner import run
+
+    spec = loop_recipe(tmp_path, rounds=1)
+    spec["initial_sft"]["max_steps"] = 6
+    spec["sft"]["max_steps"] = 2
+    spec["dpo"]["data"] = [{"builtin": "arithmetic", "count": 32}]  # pairs even when RS keeps none
+    spec["evaluation"].update(stage_ablation=True, reward=False, before=False)
+    run(spec)
+    out = tmp_path / "run"
+    inside = json.loads((out / "round_1" / "eval_sft" / "metrics.json").read_text())
+    final = json.loads((out / "round_1" / "eval" / "metrics.json").read_text())
+    assert Path(inside["policy"]).parent == out / "round_1" / "sft"
+    assert Path(final["policy"]).parent == out / "round_1" / "dpo"
+    assert inside["seconds"] > 0 and final["seconds"] > 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert [row["label"] for row in report["rows"]] == ["round_0", "round_1.sft", "round_1"]
+    changes = {(c["point"], c["against"]): c for c in report["changes"]}
+    assert list(changes) == [("round_1.sft", "round_0"), ("round_1", "round_0"), ("round_1", "round_1.sft")]
+
+    def answers(name):
+        return [json.loads(line) for line in (out / "round_1" / name / "answers.jsonl").read_text().splitlines()]
+
+    pairs = pair_answers(answers("eval_sft"), answers("eval"))
+    direct = paired_bootstrap([a.get("correct") for a, _ in pairs if a["kind"] == "task"],
+                              [b.get("correct") for _, b in pairs if b["kind"] == "task"])
+    assert changes[("round_1", "round_1.sft")]["accuracy"] == direct.__dict__
+    assert "| round_1 vs round_1.sft |" in (out / "report.md").read_text()
+
+    stamp = (out / "round_1" / "eval_sft" / "metrics.json").stat().st_mtime_ns
+    run(spec)
+    assert (out / "round_1" / "eval_sft" / "metrics.json").stat().st_mtime_ns == stamp

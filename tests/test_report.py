@@ -258,3 +258,23 @@ def test_win_rate_counts_identical_answers_as_ties(tmp_path, monkeypatch):
     out = _reward("rm", records, answers, tmp_path, "round_0")
     assert out["win_rate"] == pytest.approx(2 / 3)
     assert (out["compared"], out["identical"], out["against"]) == (3, 2, "round_0")
+
+
+def test_report_in_round_points(tmp_path, recipe):
+    """round_1.sft (the SFT model before DPO, evaluation.stage_ablation) sits between round_0 and
+    round_1; it is compared with round_0, and round_1 with round_0 and with it."""
+    run_dir = tmp_path / "run"
+    points = {"round_0": [1] * 2 + [0] * 8, "round_1.sft": [1] * 5 + [0] * 5, "round_1": [1] * 4 + [0] * 6}
+    for label, correct in points.items():
+        point, _, stage = label.partition(".")
+        out = run_dir / point / (f"eval_{stage}" if stage else "eval")
+        out.mkdir(parents=True)
+        (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _task_rows(correct)))
+        (out / "metrics.json").write_text(json.dumps({"summary": {"accuracy": sum(correct) / 10}}))
+    write_report(recipe, run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [row["label"] for row in report["rows"]] == ["round_0", "round_1.sft", "round_1"]
+    changes = {(c["point"], c["against"]): c["accuracy"]["difference"] for c in report["changes"]}
+    assert changes == pytest.approx({("round_1.sft", "round_0"): 0.3, ("round_1", "round_0"): 0.2,
+                                     ("round_1", "round_1.sft"): -0.1})
+    assert "| round_1.sft | 0.500 |" in (run_dir / "report.md").read_text()

@@ -3,6 +3,8 @@
     <run>/round_<k>/eval/metrics.json   {"key", "label", "summary": {...}, "task", "safety", "reward"}
     <run>/round_<k>/eval/answers.jsonl  one row per held-out prompt: the policy's greedy answer
     <run>/base_eval/...                 the same for the starting model
+    <run>/round_<k>/eval_<stage>/...    the same for the policy after <stage> inside round k
+                                        (evaluation.stage_ablation: e.g. SFT's model before DPO)
 
 summary: `accuracy` (task verifier on evaluation.data), `vr` / `frr` (safety.eval_data through
 the primary safety judge, named in `judge`; reference A8), `vr_<judge>` / `frr_<judge>` for every
@@ -12,7 +14,8 @@ judge that ran (rules and learned always, llama_guard when configured), `on_topi
 the same prompts). Numbers go through the `evaluate` metric modules in metrics/. A safety row of
 answers.jsonl also has "safety", "category", "judges" ({name: {"unsafe", "refusal"}}) and
 "on_topic"; metrics.json's "safety" has every judge's numbers, the "notes" (a rate that is not
-meaningful) and the learned judge's own held-out accuracy ("judge_accuracy").
+meaningful) and the learned judge's own held-out accuracy ("judge_accuracy"); "seconds" is the
+evaluation's own time (generation and judging).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 from alignloop.config import Recipe
@@ -28,7 +32,12 @@ logger = logging.getLogger("alignloop.evaluation")
 
 
 def eval_dir(run_dir: Path, label: str) -> Path:
-    return run_dir / "base_eval" if label == "base" else run_dir / label / "eval"
+    """base -> base_eval/; round_<k> -> round_<k>/eval/; round_<k>.<stage> (the policy after a
+    stage inside round k, evaluation.stage_ablation) -> round_<k>/eval_<stage>/."""
+    if label == "base":
+        return run_dir / "base_eval"
+    point, _, stage = label.partition(".")
+    return run_dir / point / (f"eval_{stage}" if stage else "eval")
 
 
 def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
@@ -64,7 +73,7 @@ def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
 def _key(cfg: Recipe, policy, reward, prev_metrics) -> str:
     from alignloop.models.gguf import model_identity
 
-    parts = [cfg.evaluation.model_dump(mode="json", exclude={"rounds"}),  # which rounds: not how
+    parts = [cfg.evaluation.model_dump(mode="json", exclude={"rounds", "stage_ablation"}),  # which points: not how
              cfg.safety.model_dump(mode="json") if cfg.safety else None, _judge_key(cfg),
              cfg.generation.model_dump(mode="json"), model_identity(cfg.model), cfg.seed,
              policy and policy["key"], reward and reward["key"], prev_metrics and prev_metrics["key"]]
@@ -99,6 +108,7 @@ def _evaluate(cfg: Recipe, run_dir: Path, label: str, policy, reward, previous, 
     path = policy["path"] if policy else resolve_path(cfg.model)
     settings = SamplingSettings(n=1, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                 seed=cfg.seed)
+    started = time.time()
     with open_generator(cfg.generation, path) as gen:
         samples = gen.generate([r["prompt"] for _, r in records], settings)
     answers = [{"prompt_id": r["prompt_id"], "kind": kind, "prompt": r["prompt"],
@@ -115,6 +125,7 @@ def _evaluate(cfg: Recipe, run_dir: Path, label: str, policy, reward, previous, 
         result["reward"] = _reward(reward["path"], records, answers, run_dir, previous)
         result["summary"].update({k: result["reward"][k] for k in ("reward_mean", "win_rate")
                                   if result["reward"].get(k) is not None})
+    result["seconds"] = round(time.time() - started, 1)
     result["answers"] = answers
     return result
 

@@ -7,8 +7,10 @@ Rewritten after every round from manifest.json and the evaluations, so that a ru
                  primary one, the learned judge's held-out accuracy, each judge's agreement with
                  the rules); the changes table: for accuracy, VR and FRR,
                  every round against round_0 and against the point before it (round_{k-1}, or
-                 base for round_0), with a paired bootstrap 95% interval over the prompts both
-                 points answered (alignloop/evaluation/stats.py)
+                 base for round_0), and with evaluation.stage_ablation against its in-round
+                 points (round_k.sft: the SFT model before DPO, so "round_k vs round_k.sft" is
+                 DPO's own contribution), with a paired bootstrap 95% interval over the prompts
+                 both points answered (alignloop/evaluation/stats.py)
     report.json  the same numbers: {"run", "rows", "intervals", "changes", "notes", "judges"}
     report.png   the rates (with each point's 95% Wilson interval for accuracy, VR and FRR) and
                  the reward mean, on separate panels
@@ -49,15 +51,19 @@ def rows(run_dir: Path) -> list[dict]:
     from alignloop.pipeline.runner import read_manifest
 
     stages = read_manifest(run_dir).get("stages", {})
+    inside = {f"{p.parent.name}.{p.name[5:]}" for p in run_dir.glob("round_*/eval_*")}
     labels = (["base"] if eval_dir(run_dir, "base").is_dir() else []) + sorted(
-        {label.split("/")[0] for label in stages} | {p.parent.name for p in run_dir.glob("round_*/eval")},
-        key=lambda name: int(name.split("_")[1]))
+        {label.split("/")[0] for label in stages} | {p.parent.name for p in run_dir.glob("round_*/eval")}
+        | inside, key=_order)
     out = []
     for label in labels:
         row = {"label": label}
         ev = eval_dir(run_dir, label) / "metrics.json"
         if ev.is_file():
             row.update(json.loads(ev.read_text()).get("summary", {}))
+        if label in inside:  # a stage's policy inside a round: the round's stages are on its row
+            out.append(row)
+            continue
         metrics = {name.split("/")[1]: rec.get("metrics", {}) for name, rec in stages.items()
                    if name.startswith(f"{label}/")}
         row["rm_accuracy"] = metrics.get("reward", {}).get("accuracy")
@@ -71,6 +77,12 @@ def rows(run_dir: Path) -> list[dict]:
         row["dpo_loss"] = metrics.get("dpo", {}).get("last_loss")
         out.append(row)
     return out
+
+
+def _order(label: str) -> tuple[int, int]:
+    """round_1.sft before round_1, after round_0."""
+    point, _, stage = label.partition(".")
+    return int(point.split("_")[1]), 0 if stage else 1
 
 
 def write_report(cfg: Recipe, run_dir: Path) -> Path:
@@ -148,7 +160,9 @@ def point_intervals(answers: list[dict] | None, judge: str | None) -> dict:
 
 
 def compute_changes(table: list[dict], answers: dict[str, list[dict] | None]) -> list[dict]:
-    """Every round against round_0 and against the point before it, where both have answers.
+    """Every round against round_0 and against the round before it (or base), where both have
+    answers; a round's in-round points (round_k.<stage>, evaluation.stage_ablation) against the
+    round before, and the round against them: the later stages' own contribution.
 
     Returns [{"point", "against", "accuracy": PairedChange fields | None, "vr": ..., "frr": ...}].
     Both sides' VR/FRR are read with the later point's primary judge (summary["judge"]), so the
@@ -162,7 +176,14 @@ def compute_changes(table: list[dict], answers: dict[str, list[dict] | None]) ->
         label = row["label"]
         if label == "base" or i == 0:
             continue
-        against = [other for other in ("round_0", labels[i - 1]) if other in labels and other != label]
+        point, _, stage = label.partition(".")
+        rounds_before = [other for other in labels[:i] if "." not in other]
+        against = [other for other in ("round_0", rounds_before[-1] if rounds_before else None)
+                   if other in labels and other != label]
+        if stage:
+            against = against[-1:]  # only the point the round started from
+        else:
+            against += [other for other in labels[:i] if other.startswith(f"{point}.")]
         for other in dict.fromkeys(against):
             if answers.get(label) is None or answers.get(other) is None:
                 continue

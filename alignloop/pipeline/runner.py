@@ -73,7 +73,8 @@ class StageResult:
 class RunResult:
     output_dir: Path
     stages: dict[str, StageResult] = field(default_factory=dict)  # "round_1/sft" -> result
-    # "before": the starting model; "round_<k>": after round k; "after": the final policy
+    # "before": the starting model; "round_<k>": after round k; "round_<k>.<stage>": after that
+    # stage inside round k (evaluation.stage_ablation); "after": the final policy
     evaluation: dict = field(default_factory=dict)
 
     def __getitem__(self, stage: str) -> StageResult:
@@ -117,6 +118,7 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
     for rnd, stages in schedule:
         cfg = whole.for_round(rnd)
         reward_dir, reward_key = _external_reward_model(cfg)
+        trained: list[tuple[str, str, str]] = []  # (stage, policy after it, its key)
         for position, name in enumerate(stages):
             start, start_key = (base, base_key) if name == "sft" and cfg.sft.start == "base" \
                 else (policy, policy_key)
@@ -137,6 +139,7 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
                 reward_dir, reward_key = out / "model", key
             elif name in TRAINED_POLICY:
                 policy, policy_key = str(_model_dir(out)), key
+                trained.append((name, policy, key))
             elif name == "rejection_sampling":
                 produced["rs_best"].append((rnd, out / "best.jsonl", key))
                 if cfg.rejection_sampling.pairs:
@@ -144,7 +147,7 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
             elif name == "synth_data":
                 produced["synthetic"].append((rnd, out / "data.jsonl", key))
         rounds[rnd] = {"policy": policy, "policy_key": policy_key, "reward_model": reward_dir,
-                       "reward_key": reward_key}
+                       "reward_key": reward_key, "stage_policies": trained[:-1]}
     return steps, rounds
 
 
@@ -280,13 +283,17 @@ def _finish_round(cfg: Recipe, run_dir: Path, rnd: int, result: RunResult, round
         write_report(cfg, run_dir)
         return
     info = rounds[rnd]
-    policy = _resolved(info["policy"])
     evaluated = rnd - 1 in rounds and cfg.evaluation.rounds == "all"
     previous = f"round_{rnd - 1}" if evaluated else ("base" if cfg.evaluation.before else None)
+    reward = {"path": info["reward_model"], "key": info["reward_key"]} if info["reward_model"] else None
+    if cfg.evaluation.stage_ablation:
+        for stage, policy, key in info["stage_policies"]:
+            result.evaluation[f"round_{rnd}.{stage}"] = evaluate_round(
+                cfg, run_dir, f"round_{rnd}.{stage}", {"path": _resolved(policy), "key": key},
+                reward, previous=previous)
     result.evaluation[f"round_{rnd}"] = evaluate_round(
-        cfg, run_dir, f"round_{rnd}", {"path": policy, "key": info["policy_key"]},
-        {"path": info["reward_model"], "key": info["reward_key"]} if info["reward_model"] else None,
-        previous=previous)
+        cfg, run_dir, f"round_{rnd}", {"path": _resolved(info["policy"]), "key": info["policy_key"]},
+        reward, previous=previous)
     result.evaluation["after"] = result.evaluation[f"round_{rnd}"]
     write_report(cfg, run_dir)
 
