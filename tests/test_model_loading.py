@@ -64,3 +64,32 @@ def test_llama31_config_with_legacy_rope_scaling_loads_as_llama3_rope(tmp_path, 
     with torch.no_grad():
         logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None] + 100_000).logits
     assert torch.isfinite(logits).all()
+
+
+def test_causal_lm_adapter_loads_under_a_reward_head(tmp_path):
+    """A reward model started from an SFT LoRA adapter (reward.init: base when the recipe's model
+    is an adapter directory): the adapter's CAUSAL_LM task type used to make peft ask the
+    sequence-classification model for prepare_inputs_for_generation. The body's merged weights
+    equal the causal LM's merged weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    recipe = load_recipe({"model": {"path": str(tmp_path / "adapter")}, "stages": ["reward"],
+                          "reward": {"data": [{"builtin": "arithmetic", "count": 4}]}}, [], check_trainer=False)
+    reward = load_model(recipe, str(tmp_path / "adapter"), model_class=AutoModelForSequenceClassification,
+                        num_labels=1)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    for name in ("q_proj", "v_proj", "k_proj"):
+        got = getattr(reward.model.layers[0].self_attn, name).weight
+        assert torch.allclose(got, getattr(merged.model.layers[0].self_attn, name).weight, atol=1e-6), name
+    assert not torch.allclose(reward.model.layers[0].self_attn.q_proj.weight,
+                              base.model.layers[0].self_attn.q_proj.weight, atol=1e-3)  # the adapter is in

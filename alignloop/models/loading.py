@@ -100,13 +100,17 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
 
 
 def _merged_adapter(path: str, model_class, kwargs):
-    import json
-
     from peft import PeftModel
 
-    base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = model_class.from_pretrained(base_path, **kwargs)
-    adapted = PeftModel.from_pretrained(base, path)
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(path)
+    base = model_class.from_pretrained(config.base_model_name_or_path, **kwargs)
+    if config.task_type == "CAUSAL_LM" and not hasattr(base, "prepare_inputs_for_generation"):
+        # a causal-LM adapter on another head (a reward model from an SFT adapter): the generic
+        # PeftModel applies the same LoRA weights to the shared body; the head is the new model's
+        config.task_type = None
+    adapted = PeftModel.from_pretrained(base, path, config=config)
     untie_adapted_embeddings(adapted)
     return adapted.merge_and_unload()
 
