@@ -16,6 +16,12 @@ cross before self layers [3, 7, ..., 31] <-> Mllama [3, 8, 13, ..., 38] of 40.
 
 Mllama's embedding has V + 8 rows and its lm_head V outputs, so it is never tied; a tied Llama
 (3.2 1B/3B, the tiny model) converts to an untied Mllama with lm_head equal to the embedding.
+
+Only layouts with a self layer right after every cross layer convert (issue 13, item 5). Mllama
+also allows a cross layer at the last index (after the last self layer) and two cross layers in a
+row, but ours runs each cross layer from the pre-hook of the self layer it precedes, one per self
+layer, so neither has a place here: both directions refuse them with a ValueError naming
+`text_config.cross_attention_layers`, rather than fail in the key map or drop a layer.
 """
 
 from __future__ import annotations
@@ -37,6 +43,43 @@ _SHARED_TEXT_FIELDS = ("vocab_size", "hidden_size", "hidden_act", "num_attention
                        "eos_token_id", "pad_token_id")
 
 
+def check_mllama_cross_layers(cross_attention_layers: list[int], num_hidden_layers: int,
+                              what: str = "") -> None:
+    """Refuses an Mllama layer layout that `VisionLlama` cannot hold, with a ValueError naming
+    `text_config.cross_attention_layers`, each offending index and why. Every cross layer must
+    be a distinct decoder-layer index with a self layer right after it: not the last index (a
+    cross layer after the last self layer) and no two cross layers in a row, since ours runs each
+    cross layer from the pre-hook of the self layer it precedes, at most one per self layer."""
+    cross, n = list(cross_attention_layers), num_hidden_layers
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in cross):
+        raise ValueError(f"cannot convert {what}Mllama text_config.cross_attention_layers={cross}: "
+                         "indices must be integers")
+    problems = []
+    for m in sorted(set(cross)):
+        if not 0 <= m < n:
+            problems.append(f"index {m} is not a decoder-layer index in 0..{n - 1}")
+        elif m == n - 1:
+            problems.append(f"index {m} is the last decoder layer, i.e. a cross-attention layer after "
+                            "the last self-attention layer; VisionLlama runs each cross layer just "
+                            "before a self-attention layer, so it has no place for one after the last")
+        elif m + 1 in cross:
+            problems.append(f"indices {m} and {m + 1} are two cross-attention layers in a row; "
+                            "VisionLlama runs at most one cross layer before each self-attention layer")
+        if cross.count(m) > 1:
+            problems.append(f"index {m} is listed more than once")
+    if problems:
+        raise ValueError(f"cannot convert {what}Mllama text_config.cross_attention_layers={cross} "
+                         f"(num_hidden_layers={n}): " + "; ".join(problems))
+
+
+def _check_our_cross_layers(num_self: int, cross_layers: list[int]) -> None:
+    """Our cross layers (self-layer indices, each runs before that self layer) in Mllama's terms:
+    one "before self layer num_self" would be Mllama's last layer, and VisionLlama never runs it."""
+    cross = list(cross_layers)
+    check_mllama_cross_layers(mllama_cross_indices(cross), num_self + len(cross),
+                              what=f"VisionLlama cross_layers={cross} (of {num_self} self layers), which would be ")
+
+
 def mllama_cross_indices(cross_layers: list[int]) -> list[int]:
     """Self-layer positions of our cross layers -> their indices among Mllama's layers."""
     return [s + j for j, s in enumerate(sorted(cross_layers))]
@@ -49,6 +92,7 @@ def our_cross_layers(mllama_indices: list[int]) -> list[int]:
 
 def layer_map(num_self: int, cross_layers: list[int]) -> dict[int, tuple[str, int]]:
     """Mllama layer index -> ("self" | "cross", our index)."""
+    _check_our_cross_layers(num_self, cross_layers)
     out, m = {}, 0
     cross = set(cross_layers)
     for s in range(num_self):
@@ -72,6 +116,7 @@ def join_config(text: LlamaConfig, vision: MllamaVisionConfig, cross_layers: lis
                          f"({head_dim} x {text.num_attention_heads} != {text.hidden_size})")
     if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
         raise ValueError("Mllama has no attention or MLP biases; this Llama config uses them")
+    _check_our_cross_layers(text.num_hidden_layers, list(cross_layers))
     fields = {name: getattr(text, name) for name in _SHARED_TEXT_FIELDS}
     text_config = MllamaTextConfig(
         **fields, num_hidden_layers=text.num_hidden_layers + len(cross_layers),
@@ -84,6 +129,7 @@ def split_config(config: MllamaConfig) -> tuple[LlamaConfig, MllamaVisionConfig,
     """(Llama text config, vision config, our cross layers, image token id) of an MllamaConfig."""
     text = config.text_config
     cross = list(text.cross_attention_layers)
+    check_mllama_cross_layers(cross, text.num_hidden_layers)
     fields = {name: getattr(text, name) for name in _SHARED_TEXT_FIELDS}
     llama = LlamaConfig(**fields, num_hidden_layers=text.num_hidden_layers - len(cross),
                         head_dim=text.hidden_size // text.num_attention_heads,
