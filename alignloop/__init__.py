@@ -7,7 +7,7 @@ The public API is small and imports nothing heavy until it is used::
     result = alignloop.run(recipe)
 """
 
-__version__ = "0.1.0"
+from alignloop._version import __version__
 
 __all__ = ["__version__", "load_recipe", "run", "run_stage"]
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from alignloop.data.source_config import OnError, SourceConfig
 from alignloop.dpo.config import DPOStageConfig
 from alignloop.generation.config import GenerationConfig
-from alignloop.options import LoraOptions, QuantizationOptions, Strict  # noqa: F401 (re-exported)
+from alignloop import hardware
+from alignloop.options import LoraOptions, QuantizationOptions, Strict, check_type  # noqa: F401 (re-exported)
 from alignloop.rejection_sampling.config import RejectionSamplingConfig
 from alignloop.reward.config import RewardStageConfig
 from alignloop.safety.config import SafetyConfig
@@ -493,7 +493,7 @@ def _check_combinations(cfg: Recipe, where: _Where) -> list[str]:
         report_to = getattr(cfg, stage).trainer_options.get("report_to")
         for name in [report_to] if isinstance(report_to, str) else (report_to or []):
             module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-            if module and not _has_module(module):
+            if module and not hardware.has_module(module):
                 problems.append(where(f"{stage}.report_to", f"'{name}' needs the {module} package "
                                                             f"(pip install 'alignloop[tracking]')"))
     problems += _check_builtins(cfg, where)
@@ -520,7 +520,7 @@ def _check_method(section, stage: str, where: _Where) -> list[str]:
             problems.append(where(f"{stage}.merge", f"merging needs {stage}.method lora or qlora"))
     if method == "lora" and getattr(section, "quantization", None) is not None:
         problems.append(where(f"{stage}.quantization", f"quantization is for {stage}.method: qlora"))
-    if method == "qlora" and not _has_module("bitsandbytes"):
+    if method == "qlora" and not hardware.has_module("bitsandbytes"):
         problems.append(where(f"{stage}.method", "qlora needs bitsandbytes, which is not installed "
                                                  "(pip install bitsandbytes), or use method: lora"))
     return problems
@@ -616,7 +616,7 @@ def _check_long_context(cfg: Recipe, where: _Where) -> list[str]:
 
 def _check_generation(cfg: Recipe, where: _Where) -> list[str]:
     gen = cfg.generation
-    if gen.backend == "vllm" and not _has_module("vllm"):
+    if gen.backend == "vllm" and not hardware.has_module("vllm"):
         return [where("generation.backend", "backend vllm needs vLLM in this Python environment "
                                             "(pip install 'alignloop[vllm]'), or use vllm_server "
                                             "with server_python / server_url, or hf")]
@@ -657,48 +657,18 @@ def _check_precision(cfg: Recipe, where: _Where) -> list[str]:
                else f"{stage}.bf16" if wants_bf16 else f"{stage}.fp16")
         if wants_bf16 and wants_fp16:
             problems.append(where(key, "bf16 and fp16 are both on; choose one"))
-        elif wants_bf16 and not bf16_supported():
+        elif wants_bf16 and not hardware.bf16_supported():
             problems.append(where(key, "bf16 was asked for, but this machine has no CUDA GPU and its "
                                        "CPU has no native bfloat16 (AVX512-BF16/AMX); use precision: "
                                        "auto or fp32"))
-        elif wants_fp16 and not _cuda():
+        elif wants_fp16 and not hardware.cuda_available():
             problems.append(where(key, "fp16 mixed precision needs a CUDA GPU; use precision: auto or fp32"))
     return list(dict.fromkeys(problems))  # `precision: bf16` is one problem, not one per stage
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@functools.cache
-def bf16_supported() -> bool:
-    """bf16 on a CUDA GPU that has it, or on a CPU with native bf16 instructions."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
 def resolved_precision(cfg: Recipe) -> str:
-    """`auto` becomes bf16 on a CUDA GPU that has it, else fp32.
-
-    A CPU with native bf16 (AVX512-BF16 / AMX) may still be asked for bf16 explicitly; `auto`
-    keeps CPU runs in fp32 so that the same recipe gives the same numbers on every CPU.
-    """
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if _cuda() and bf16_supported() else "fp32"
+    """The recipe's precision with `auto` resolved (alignloop.hardware.resolve_precision)."""
+    return hardware.resolve_precision(cfg.precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,20 +714,10 @@ def _check_trainer_options(cfg: Recipe, where: _Where) -> list[str]:
                                       + (f" (did you mean '{hint[0]}'?)" if hint else "")
                                       + f"; not an alignloop key nor a {config_cls.__name__} field"))
             else:
-                problem = _check_type(fields[key].type, value)
+                problem = check_type(fields[key].type, value)
                 if problem:
                     problems.append(where(f"{name}.{key}", problem))
     return problems
-
-
-def _check_type(annotation: Any, value: Any) -> str | None:
-    try:
-        TypeAdapter(annotation).validate_python(value)
-    except ValidationError as err:
-        return f"{err.errors()[0]['msg']} (got {value!r})"
-    except Exception:  # an annotation pydantic cannot build a validator for: the TRL config decides
-        return None
-    return None
 
 
 def _construct(cfg: Recipe, stage: str, where: _Where, key: str | None = None) -> list[str]:
@@ -787,7 +747,7 @@ def trainer_args(cfg: Recipe, stage: str, output_dir: Path, model_path: str | No
         "report_to": "none",
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "use_cpu": not _cuda(),
+        "use_cpu": not hardware.cuda_available(),
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
     }

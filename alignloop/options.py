@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 
 class Strict(BaseModel):
@@ -64,3 +64,14 @@ class ScoringConfig(Strict):
 
     reward_model: float = Field(default=1.0, ge=0)
     verifiers: dict[str, float] = Field(default_factory=dict)
+
+
+def check_type(annotation: Any, value: Any) -> str | None:
+    """None when `value` fits the type annotation, else pydantic's reason with the value."""
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError as err:
+        return f"{err.errors()[0]['msg']} (got {value!r})"
+    except Exception:  # an annotation pydantic cannot build a validator for: the TRL config decides
+        return None
+    return None

@@ -38,7 +38,7 @@ def main() -> None:
 
     from alignloop.data.contracts import validate_record
     from alignloop.models.tiny import build_tiny
-    from alignloop.vision import shapes
+    from alignloop.data.tasks import shapes
     from alignloop.vision.data import image_paths, image_token_id
     from alignloop.vision.llama3v import (FeatureCache, Llama3V, Llama3VCollator, image_processor,
                                           tiny_encoder, train)

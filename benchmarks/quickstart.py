@@ -56,7 +56,7 @@ def main() -> None:
             shutil.copytree(run_dir, args.keep, dirs_exist_ok=True)
 
     table = print_tables(manifest, table, total, "whole command, cold cache")
-    print(f"\nevaluations (s): " + ", ".join(f"{k} {_f(v, 0)}" for k, v in sorted(evals.items())))
+    print("\nevaluations (s): " + ", ".join(f"{k} {_f(v, 0)}" for k, v in sorted(evals.items())))
     print_changes(changes)
     points = {row["label"]: row for row in table}
     rounds = [label for label in points if label.startswith("round_") and "." not in label]

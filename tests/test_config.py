@@ -6,7 +6,7 @@ from textwrap import dedent
 
 import pytest
 
-from alignloop import config
+from alignloop import config, hardware
 from alignloop.config import RecipeError, load_recipe, trainer_args
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "example_chat.jsonl"
@@ -129,14 +129,14 @@ def test_impossible_combinations(tmp_path, section, expected):
 
 
 def test_qlora_without_bitsandbytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(config, "_has_module", lambda name: name != "bitsandbytes")
+    monkeypatch.setattr(hardware, "has_module", lambda name: name != "bitsandbytes")
     path = write(tmp_path, f"sft:\n  method: qlora\n  data:\n    - path: {DATA}\n")
     assert problems(path) == [f"{path}:2: sft.method: qlora needs bitsandbytes, which is not "
                               "installed (pip install bitsandbytes), or use method: lora"]
 
 
 def test_bf16_without_hardware_support(tmp_path, monkeypatch):
-    monkeypatch.setattr(config, "bf16_supported", lambda: False)
+    monkeypatch.setattr(hardware, "bf16_supported", lambda: False)
     path = write(tmp_path, f"precision: bf16\nsft:\n  data:\n    - path: {DATA}\n")
     (problem,) = problems(path)
     assert problem.startswith(f"{path}:1: precision: bf16 was asked for, but this machine has no CUDA GPU")
@@ -147,7 +147,7 @@ def test_bf16_without_hardware_support(tmp_path, monkeypatch):
 
 
 def test_fp16_needs_cuda(tmp_path, monkeypatch):
-    monkeypatch.setattr(config, "_cuda", lambda: False)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
     path = write(tmp_path, f"precision: fp16\nsft:\n  data:\n    - path: {DATA}\n")
     assert problems(path) == [f"{path}:1: precision: fp16 mixed precision needs a CUDA GPU; "
                               "use precision: auto or fp32"]

@@ -309,7 +309,7 @@ def test_llama_guard_path_with_the_tiny_model_counts_garbage_as_unparseable(tiny
     nor 'unsafe', so every verdict is unparseable, VR is None (no parseable verdict) and
     `unparseable` counts all 3; FRR still comes from the refusal rules (1 of 1 refused). With a
     checkpoint given, build_judges runs it beside rules and learned, and it is the primary one."""
-    from alignloop.safety.classifier import build_judges
+    from alignloop.safety.judges import build_judges
 
     cfg = _recipe({"eval_data": [{"builtin": "safety", "split": "heldout"}],
                    "classifier": "llama_guard", "llama_guard": str(tiny_dir)})

@@ -10,7 +10,8 @@ import yaml
 
 from alignloop.config import RecipeError, load_recipe
 from alignloop.safety import dataset, judge_data
-from alignloop.safety.classifier import RuleClassifier, build_judges, on_topic
+from alignloop.safety.classifier import RuleClassifier, on_topic
+from alignloop.safety.judges import build_judges
 from alignloop.safety.config import primary_judge
 from alignloop.safety.judge import JudgeSettings, LearnedClassifier, judge_key
 from alignloop.safety.metrics import safety_evaluation

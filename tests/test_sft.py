@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from alignloop.config import load_recipe
-from alignloop.pipeline.runner import read_manifest, run, run_stage
+from alignloop.manifest import read_manifest
+from alignloop.pipeline.runner import run, run_stage
 
 pytestmark = pytest.mark.slow
 

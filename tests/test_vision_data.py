@@ -17,7 +17,7 @@ from alignloop.data.errors import DataError, FieldError
 from alignloop.data.readers import read_records
 from alignloop.data.source_config import SourceConfig
 from alignloop.data.sources import load_sources
-from alignloop.vision import shapes
+from alignloop.data.tasks import shapes
 from alignloop.vision.data import (Encoded, ImageError, VisionCollator, VisionEncoder, collate,
                                    image_processor, image_token_id, load_image)
 

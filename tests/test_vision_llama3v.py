@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
 from alignloop.data.contracts import validate_record
-from alignloop.vision import shapes
+from alignloop.data.tasks import shapes
 from alignloop.vision.data import image_token_id
 from alignloop.vision.llama3v import (FeatureCache, Llama3V, Llama3VCollator, image_key,
                                       image_processor, tiny_encoder, train)

@@ -17,17 +17,16 @@ gets the same `prompt_id` in every file (STYLE.md: data crosses stages by key, n
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from typing import Any
 
 from alignloop.data.errors import FieldError
+from alignloop.data.ids import ROLES, record_id, stable_id
+from alignloop.data.ids import json_type as _a
+from alignloop.data.vision_records import VISION_KINDS, validate_vision_record
 
-# Records with images; their contracts live in alignloop.vision.data (docs/data-formats.md).
-VISION_KINDS = ("vision_chat", "vision_prompt", "vision_preference", "image_text")
+# Records with images (VISION_KINDS): their contracts are in alignloop/data/vision_records.py.
 KINDS = ("chat", "prompt", "preference", "ranking", "document") + VISION_KINDS
-ROLES = ("system", "user", "assistant")
 
 _SHAPES = {
     "chat": '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}',
@@ -53,18 +52,11 @@ def validate_record(obj: Any, kind: str) -> dict:
     """
     check_kind(kind)
     if kind in VISION_KINDS:  # image paths as given (readers resolve them against the file)
-        from alignloop.vision.data import validate_vision_record
-
         return validate_vision_record(obj, kind)
     if not isinstance(obj, dict):
         raise FieldError(None, f"expected a JSON object (one record), got {_a(obj)}")
     return _VALIDATORS[kind](obj)
 
-
-def stable_id(value: Any) -> str:
-    """First 16 hex digits of the sha1 of `value`'s canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def ranking_to_pairs(record: dict) -> list[dict]:
@@ -240,35 +232,7 @@ def _string(value: Any, field: str, hint: str = "") -> str:
     return value
 
 
-def record_id(obj: dict, key: str, content: Any) -> str:
-    """obj[key] as a string (ints accepted), or a stable hash of `content` when absent."""
-    value = obj.get(key)
-    if value is None:
-        return stable_id(content)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise FieldError(key, f"expected a non-empty string, got {_a(value)}")
-    return value
-
 
 def _kept(obj: dict, keys: tuple[str, ...] = ("metadata",)) -> dict:
     """The optional pass-through fields that are present (null counts as absent)."""
     return {key: obj[key] for key in keys if obj.get(key) is not None}
-
-
-def _a(value: Any) -> str:
-    """What JSON would call `value`'s type, with an article: 'a number', 'an object', ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({json.dumps(value)})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return "an empty string" if not value else "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"

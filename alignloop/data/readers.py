@@ -13,7 +13,6 @@ import codecs
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -21,6 +20,8 @@ from typing import Any, Iterable, Iterator
 from alignloop.data.contracts import VISION_KINDS, check_kind, validate_record
 from alignloop.data.errors import DataError, FieldError, Unit
 from alignloop.data.source_config import OnError
+from alignloop.data.vision_records import ImageLimits, validate_vision_record
+from alignloop.manifest import atomic_path
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_REASONS = 5
@@ -49,21 +50,30 @@ class ReadResult:
         self.reasons += other.reasons[: MAX_REASONS - len(self.reasons)]
 
 
-def read_records(path: str | Path, kind: str, on_error: OnError = "raise") -> ReadResult:
+def read_records(path: str | Path, kind: str, on_error: OnError = "raise", *,
+                 check_images: bool = True, limits: ImageLimits | None = None) -> ReadResult:
     """Reads and validates every record of `kind` in a file, or in a directory (recursively,
     sorted; hidden files and folders are ignored). Raises DataError for bad records (unless
-    on_error="skip") and for files that cannot be read at all."""
+    on_error="skip") and for files that cannot be read at all. Vision kinds: image paths are
+    resolved against each data file's folder, and each image is checked (`check_images`, against
+    `limits`) unless told not to."""
     check_kind(kind)
-    if kind in VISION_KINDS:  # image paths are relative to each data file
-        from alignloop.vision.data import read_vision_records
-
-        return read_vision_records(path, kind, on_error)
     result = ReadResult([])
     for file in data_files(path):
         rows = read_rows(file)
         unit: Unit = "row" if file.suffix == ".parquet" else "line"
-        result.extend(check_rows(rows, kind, on_error, file=str(file), unit=unit))
+        validate = _vision_validator(kind, file.parent, check_images, limits) \
+            if kind in VISION_KINDS else validate_record
+        result.extend(check_rows(rows, kind, on_error, file=str(file), unit=unit, validate=validate))
     return result
+
+
+def _vision_validator(kind: str, base_dir: Path, check_images: bool, limits: ImageLimits | None):
+    """Validates vision records with their image paths resolved against the data file's folder."""
+    def validate(obj, _kind):
+        return validate_vision_record(obj, kind, base_dir, check_images=check_images,
+                                      limits=limits or ImageLimits())
+    return validate
 
 
 def data_files(path: str | Path) -> list[Path]:
@@ -135,16 +145,10 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            count = _write_lines(f, records, path)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        count = _write_lines(f, records, path)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(path.parent)
     return count
 

@@ -49,7 +49,7 @@ def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
     """
     from accelerate import PartialState
 
-    from alignloop.pipeline.runner import write_atomic
+    from alignloop.manifest import write_atomic
 
     state, out = PartialState(), eval_dir(run_dir, label)
     prev_metrics = _read(eval_dir(run_dir, previous) / "metrics.json") if previous else None
@@ -161,7 +161,7 @@ def _task(name: str, records: list[dict], answers: list[dict]) -> dict:
 def _safety(cfg: Recipe, records: list[dict], answers: list[dict]) -> dict:
     """Every safety judge on the answers (alignloop.safety.metrics.safety_evaluation); each answer
     row gains "safety", "category", "judges" ({name: {"unsafe", "refusal"}}) and "on_topic"."""
-    from alignloop.safety.classifier import build_judges
+    from alignloop.safety.judges import build_judges
     from alignloop.safety.metrics import safety_evaluation
 
     judges, primary = build_judges(cfg)

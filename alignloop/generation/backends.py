@@ -17,22 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
-from alignloop.generation.common import GeneratorError, SamplingSettings, resolve_model
+from alignloop.generation.common import GeneratorError, Sample, SamplingSettings, resolve_model
 
 logger = logging.getLogger("alignloop.generation")
 
 __all__ = ["Sample", "SamplingSettings", "GeneratorError", "open_generator"]
-
-
-@dataclass
-class Sample:
-    text: str                    # decoded completion, special tokens removed
-    token_ids: list[int]         # the sampled completion tokens (the stop token included)
-    logprobs: list[float] | None  # log-prob of each sampled token under the model, if reported
-    finish_reason: str           # "stop" (end of turn / text) or "length"
 
 
 class HFGenerator:

@@ -1,5 +1,5 @@
-"""What every generation backend shares: sampling settings, the model a directory names, the
-prompt rendering and the stop tokens.
+"""What every generation backend shares: sampling settings, the Sample a backend returns, the
+model a directory names, the prompt rendering and the stop tokens.
 
 Standard library only at import time: this module is also imported inside the vLLM virtualenv
 (transformers 5.19, no trl or peft), and by a server client that never loads a model.
@@ -22,6 +22,16 @@ STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 class GeneratorError(StageError):
     """A generator cannot start or answer (no vLLM, a server that does not come up, an adapter
     vLLM cannot serve); the message says what would fix it."""
+
+
+@dataclass
+class Sample:
+    """One completion, from any backend."""
+
+    text: str                    # decoded completion, special tokens removed
+    token_ids: list[int]         # the sampled completion tokens (the stop token included)
+    logprobs: list[float] | None  # log-prob of each sampled token under the model, if reported
+    finish_reason: str           # "stop" (end of turn / text) or "length"
 
 
 @dataclass

@@ -35,7 +35,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], settings: SamplingSett
 def generate_samples(model, tokenizer, prompts: list[list[dict]], settings: SamplingSettings,
                      batch_size: int = 16, progress: bool = True):
     """For each prompt, `settings.n` Samples (text, token ids, per-token log-probs, finish reason)."""
-    from alignloop.generation.backends import Sample
+    from alignloop.generation.common import Sample
 
     check_settings(settings)
     torch.manual_seed(settings.seed)

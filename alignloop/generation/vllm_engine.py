@@ -81,7 +81,7 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from alignloop.generation.backends import Sample
+        from alignloop.generation.common import Sample
 
         check_settings(settings)
         # one seed per prompt, and vLLM gives sample k of a request seed + k: every sample of the

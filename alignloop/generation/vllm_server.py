@@ -64,7 +64,7 @@ class VLLMServerGenerator:
             return list(pool.map(lambda i: self._request(ids[i], settings, seeds[i]), range(len(ids))))
 
     def _request(self, prompt_ids: list[int], settings: SamplingSettings, seed: int):
-        from alignloop.generation.backends import Sample
+        from alignloop.generation.common import Sample
 
         body = {"model": self.served, "prompt": prompt_ids, "n": settings.n,
                 "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,

@@ -282,7 +282,7 @@ def _greedy(model, tokenizer) -> list[int]:
 def _write_info(path: Path, header: dict, out: Path, seconds: float) -> None:
     from importlib import metadata
 
-    from alignloop import __version__
+    from alignloop._version import __version__
 
     info = {**header, "source": str(path), "sha256": file_sha256(path), "size": path.stat().st_size,
             "transformers": metadata.version("transformers"), "gguf": metadata.version("gguf"),

@@ -48,7 +48,7 @@ NAMES = {"accuracy": "accuracy", "vr": "VR", "frr": "FRR"}
 def rows(run_dir: Path) -> list[dict]:
     """One row per evaluated point (base, round_0, round_1, ...) with whatever is known."""
     from alignloop.evaluation.rounds import eval_dir
-    from alignloop.pipeline.runner import read_manifest
+    from alignloop.manifest import read_manifest
 
     stages = read_manifest(run_dir).get("stages", {})
     inside = {f"{p.parent.name}.{p.name[5:]}" for p in run_dir.glob("round_*/eval_*")}
@@ -88,7 +88,7 @@ def _order(label: str) -> tuple[int, int]:
 def write_report(cfg: Recipe, run_dir: Path) -> Path:
     """Writes report.md, report.json (and report.png when there is something to plot); returns
     report.md."""
-    from alignloop.pipeline.runner import write_atomic
+    from alignloop.manifest import write_atomic
 
     table = rows(run_dir)
     answers = {row["label"]: _answers(run_dir, row["label"]) for row in table}

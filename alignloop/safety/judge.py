@@ -41,7 +41,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignloop.safety.classifier import (_APOSTROPHES, STOP_WORDS, Verdict, check_lengths,
+from alignloop.safety.classifier import (APOSTROPHES, STOP_WORDS, Verdict, check_lengths,
                                          is_refusal, last_user, safety_label, topic_overlap)
 from alignloop.safety.taxonomy import ADVERSARIAL
 
@@ -66,7 +66,7 @@ def _bin(value: int, edges: tuple[int, ...]) -> str:
 
 def features(request: str, response: str) -> list[tuple[str, float]]:
     """(feature, weight) pairs of a response to `request` (the prompt's last user message)."""
-    norm = " ".join(response.translate(_APOSTROPHES).lower().split())
+    norm = " ".join(response.translate(APOSTROPHES).lower().split())
     words = _WORD.findall(norm)[:80]
     pairs = [f"{a} {b}" for a, b in zip(["<s>"] + words, words + ["</s>"])]
     padded = f" {norm[:300]} "

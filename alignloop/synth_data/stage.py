@@ -21,9 +21,7 @@ with, nothing kept) leaves `out_dir` untouched; metrics.json is written last.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -32,6 +30,7 @@ from pathlib import Path
 from alignloop.config import Recipe, resolved_precision
 from alignloop.data.readers import write_jsonl
 from alignloop.generation.backends import SamplingSettings, open_generator
+from alignloop.manifest import write_json
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
 from alignloop.synth_data.config import SynthDataConfig
@@ -97,7 +96,7 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "data.jsonl", rows)
     write_jsonl(out_dir / "dropped.jsonl", dropped)
-    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -263,7 +262,3 @@ def _examples(malformed: list[dict], drops: list[Drop], limit: int = 3) -> str:
     return "; ".join(shown)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

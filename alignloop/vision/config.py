@@ -272,13 +272,13 @@ def training_arguments(cfg, section: VisionTrainSection, output_dir):
     """TrainingArguments: our defaults (CPU-safe, as the text stages'), then the section's options."""
     from transformers import TrainingArguments
 
-    from alignloop.config import _cuda, resolved_precision
+    from alignloop.hardware import cuda_available, resolve_precision
 
-    precision = resolved_precision(cfg)
+    precision = resolve_precision(cfg.precision)
     options: dict[str, Any] = {
         "seed": cfg.seed, "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
         "save_total_limit": 2, "report_to": "none", "bf16": precision == "bf16",
-        "fp16": precision == "fp16", "use_cpu": not _cuda(), "dataloader_num_workers": 0,
+        "fp16": precision == "fp16", "use_cpu": not cuda_available(), "dataloader_num_workers": 0,
         "disable_tqdm": False,
     }
     options.update(section.trainer_options)
@@ -296,7 +296,7 @@ def check_vision(cfg, where) -> list[str]:
 
     from transformers import TrainingArguments
 
-    from alignloop.config import _check_type
+    from alignloop.options import check_type
 
     vision, problems = cfg.vision, []
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -316,7 +316,7 @@ def check_vision(cfg, where) -> list[str]:
                 problems.append(where(f"{key}.{option}", f"unknown key{did_you_mean}; not an alignloop "
                                                          "key nor a TrainingArguments field"))
             else:
-                problem = _check_type(fields[option].type, value)
+                problem = check_type(fields[option].type, value)
                 if problem:
                     problems.append(where(f"{key}.{option}", problem))
     problems += _check_architecture(vision, where)

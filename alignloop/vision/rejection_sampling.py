@@ -242,7 +242,7 @@ def _assistant(text: str) -> dict:
 
 def best_record(prompt: list[dict], best: dict, round_: int) -> dict:
     """A vision_chat record: the prompt (its images by path) + the best answer."""
-    from alignloop.vision.data import validate_vision_record
+    from alignloop.data.vision_records import validate_vision_record
 
     record = {"id": best["sample_id"], "messages": prompt + [_assistant(best["completion"])],
               "metadata": {"prompt_id": best["prompt_id"], "sample_id": best["sample_id"],
@@ -252,7 +252,7 @@ def best_record(prompt: list[dict], best: dict, round_: int) -> dict:
 
 def pair_record(prompt: list[dict], best: dict, worst: dict, round_: int) -> dict:
     """A vision_preference record: best vs worst answer to one stored prompt."""
-    from alignloop.vision.data import validate_vision_record
+    from alignloop.data.vision_records import validate_vision_record
 
     record = {"prompt_id": best["prompt_id"], "prompt": prompt,
               "chosen": [_assistant(best["completion"])], "rejected": [_assistant(worst["completion"])],

@@ -23,11 +23,11 @@ import logging
 import time
 from pathlib import Path
 
-from alignloop import __version__
+from alignloop._version import __version__
 from alignloop.config import Recipe
 from alignloop.pipeline.context import StageContext
-from alignloop.pipeline.runner import (RunResult, StageResult, _fingerprint, _hash, _prepare,
-                                       execute_stage, write_atomic)
+from alignloop.manifest import content_hash, fingerprint, write_atomic
+from alignloop.pipeline.runner import RunResult, StageResult, _prepare, execute_stage
 
 logger = logging.getLogger("alignloop.vision")
 ROUND = 1  # a vision recipe is one round of stages
@@ -51,10 +51,10 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[tuple[StageContext, str, str]
         section = getattr(vision, stage)
         consumed = _wire(cfg, ctx, stage, produced)
         sources = section.prompts if stage == "rejection_sampling" else section.data
-        key = _hash({"stage": name, "section": section.model_dump(mode="json"),
+        key = content_hash({"stage": name, "section": section.model_dump(mode="json"),
                      "start": policy_key, "seed": cfg.seed, "precision": cfg.precision,
                      "bad_records": cfg.bad_records, "tile_size": vision.tile_size,
-                     "data": [_fingerprint(s.path) for s in sources if s.path is not None],
+                     "data": [fingerprint(s.path) for s in sources if s.path is not None],
                      "inputs": consumed, "alignloop": __version__})
         steps.append((ctx, key, policy_key))
         produced[stage] = (run_dir / ctx.label, key)
@@ -76,7 +76,7 @@ def _wire(cfg: Recipe, ctx: StageContext, stage: str, produced: dict[str, tuple[
         if rs.reward_model is not None:
             ctx.reward_model = Path(rs.reward_model).expanduser()
             found = ctx.reward_model.is_dir()  # (validation says so when it is not)
-            return {"reward_model": _fingerprint(ctx.reward_model) if found else str(ctx.reward_model)}
+            return {"reward_model": fingerprint(ctx.reward_model) if found else str(ctx.reward_model)}
     if "rejection_sampling" in produced:
         folder, key = produced["rejection_sampling"]
         if stage == "sft":
@@ -96,7 +96,7 @@ def _start_key(cfg: Recipe) -> str:
              "adapter_config": vision.adapter_config.model_dump(mode="json")}
     if vision.architecture == "llama3v":  # where features are cached does not change the model
         parts["llama3v"] = vision.llama3v.model_dump(mode="json", exclude={"cache_features", "cache_dir"})
-    return _hash(parts)
+    return content_hash(parts)
 
 
 def run(cfg: Recipe) -> RunResult:
@@ -171,7 +171,7 @@ def _evaluate(cfg: Recipe, out: Path, model_path: str, key: str, before: Path | 
     from alignloop.vision.stage import image_processor_for, load_vision_model, load_vision_tokenizer
 
     section = cfg.vision.evaluation
-    eval_key = _hash({"model": key, "evaluation": section.model_dump(mode="json")})
+    eval_key = content_hash({"model": key, "evaluation": section.model_dump(mode="json")})
     done = out / "metrics.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == eval_key:
         metrics = json.loads(done.read_text())

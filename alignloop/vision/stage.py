@@ -103,7 +103,7 @@ def llama3v_collator(cfg: Recipe, section: VisionTrainSection, parts, records: l
     are computed once into the cache (images already there are not encoded again, e.g. in the
     stage after the adapter stage) and batches carry them as `image_features`: training never
     runs the encoder."""
-    from alignloop.vision.data import image_paths
+    from alignloop.data.vision_records import image_paths
     from alignloop.vision.llama3v import CachedFeatures, FeatureCache, Llama3VCollator
 
     tokenizer, model, processor = parts
@@ -127,7 +127,7 @@ def llama3v_collator(cfg: Recipe, section: VisionTrainSection, parts, records: l
 def _records(cfg: Recipe, section: VisionTrainSection, ctx: StageContext) -> tuple[list[dict], list]:
     """The section's data, plus what vision rejection sampling kept for this stage (`ctx.inputs`:
     "rs_best" vision_chat records for sft, "rs_pairs" vision_preference records for dpo)."""
-    from alignloop.vision.data import read_vision_records
+    from alignloop.data.readers import read_records
 
     phase = ctx.name.removeprefix("vision_")
     records, report = [], []
@@ -136,7 +136,7 @@ def _records(cfg: Recipe, section: VisionTrainSection, ctx: StageContext) -> tup
         records, report = list(loaded.records), list(loaded.report)
     name = {"vision_chat": "rs_best", "vision_preference": "rs_pairs"}.get(section.kind)
     for path in ctx.inputs.get(name, []) if name else []:
-        rows = read_vision_records(path, section.kind).records
+        rows = read_records(path, section.kind).records
         records += rows
         report.append({"source": f"{name}:{path}", "read": len(rows), "skipped": 0, "reasons": [],
                        "used": len(rows)})

@@ -1,8 +1,7 @@
 """Built-in datasets and their verifiers (programmatic answer checks). Light imports only."""
 
-from alignloop.data.tasks import arithmetic
+from alignloop.data.tasks import arithmetic, shapes
 from alignloop.safety import dataset as safety
-from alignloop.vision import shapes
 
 # name -> records(kind=, split=, count=, seed=) -> list of records of that kind
 BUILTIN = {"arithmetic": arithmetic.records, "safety": safety.records,

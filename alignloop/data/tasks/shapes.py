@@ -11,7 +11,7 @@ hash puts it in the held-out split (1 in 10) or the train split, so train and he
 a picture, whatever the seed. Everything is deterministic: the same (split, count, seed, size)
 gives the same records and byte-identical PNG files.
 
-Records follow `alignloop.vision.data` (visual chat, vision prompt and vision preference kinds);
+Records follow `alignloop.data.vision_records` (visual chat, vision prompt and vision preference kinds);
 images are written once into a cache directory named by their spec (`image_dir`, default
 $ALIGNLOOP_CACHE/vision-shapes/<size>px) and referenced by absolute path. `write_dataset` writes
 a JSONL file with relative paths instead, as a user's own data would look.
@@ -144,7 +144,7 @@ def write_dataset(out_dir: str | Path, split: str = "train", count: int | None =
                   seed: int = 0, *, kind: str = "chat", size: int = DEFAULT_SIZE,
                   tasks: tuple[str, ...] = TASKS) -> Path:
     """Writes `out_dir/<split>.jsonl` with its images in `out_dir/img/` (paths relative to the
-    JSONL file, the layout `alignloop.vision.data.read_vision_records` reads); returns the path."""
+    JSONL file, the layout `alignloop.data.readers.read_records` reads); returns the path."""
     from alignloop.data.readers import write_jsonl
 
     out_dir = Path(out_dir)
