@@ -93,3 +93,44 @@ def test_causal_lm_adapter_loads_under_a_reward_head(tmp_path):
         assert torch.allclose(got, getattr(merged.model.layers[0].self_attn, name).weight, atol=1e-6), name
     assert not torch.allclose(reward.model.layers[0].self_attn.q_proj.weight,
                               base.model.layers[0].self_attn.q_proj.weight, atol=1e-3)  # the adapter is in
+
+
+def test_lora_on_an_adapter_start_keeps_the_first_adapter(tmp_path, monkeypatch):
+    """model.path naming a LoRA adapter directory resolves to that adapter merged into its base
+    (cached under ALIGNLOOP_CACHE, keyed by the adapter's contents): a second LoRA saved on it
+    then has the merged model as its base, so loading the second adapter keeps the first one's
+    change (before, it named the raw base and the first adapter was silently dropped)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from alignloop.models.gguf import model_identity
+    from alignloop.models.loading import resolve_path
+
+    monkeypatch.setenv("ALIGNLOOP_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    first = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    first.save_pretrained(tmp_path / "first")
+    ids = torch.randint(0, 64, (1, 9))
+    expected = first(input_ids=ids).logits
+
+    recipe = load_recipe({"model": {"path": str(tmp_path / "first")}, "stages": ["sft"],
+                          "sft": {"data": [{"builtin": "arithmetic", "count": 4}]}}, [], check_trainer=False)
+    merged = resolve_path(recipe.model)
+    assert merged.startswith(str(tmp_path / "cache")) and resolve_path(recipe.model) == merged  # cached
+    start = AutoModelForCausalLM.from_pretrained(merged)
+    assert torch.allclose(start(input_ids=ids).logits, expected, atol=1e-5)
+
+    second = get_peft_model(start, LoraConfig(r=4, target_modules=["v_proj"]))  # B = 0: no change yet
+    second.save_pretrained(tmp_path / "second")
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(second.peft_config["default"].base_model_name_or_path),
+        tmp_path / "second")
+    assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+
+    before = model_identity(recipe.model)["path_adapter"]
+    (tmp_path / "first" / "adapter_model.safetensors").write_bytes(b"changed")
+    assert model_identity(recipe.model)["path_adapter"] != before  # a retrained adapter: new keys

@@ -89,12 +89,18 @@ def converted_dir(path) -> Path:
 
 def model_identity(model) -> dict:
     """A ModelConfig as it enters run keys: its fields, plus the sha256 of each .gguf file it
-    names, so that a different file at the same path is a different model."""
+    names and the fingerprint of an adapter directory, so that a different file at the same path
+    is a different model."""
+    from alignloop.manifest import fingerprint
+
     identity = model.model_dump(mode="json")
     for key in ("path", "tokenizer"):
         value = identity.get(key)
         if value and is_gguf(value):
             identity[f"{key}_sha256"] = file_sha256(value)
+    path = identity.get("path")
+    if path and (Path(path) / "adapter_config.json").is_file():  # an adapter directory, merged
+        identity["path_adapter"] = fingerprint(path)  # by alignloop.models.adapters: its contents
     return identity
 
 

@@ -17,6 +17,7 @@ from alignloop.data.templates import select_template
 from alignloop.kernels import ATTENTION
 from alignloop.kernels import register as register_attention
 from alignloop.models.gguf import convert as convert_gguf
+from alignloop.models.adapters import is_adapter, untie_adapted_embeddings
 from alignloop.models.gguf import is_gguf
 
 logger = logging.getLogger("alignloop.models")
@@ -26,10 +27,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_path(model: ModelConfig) -> str:
-    """A loadable path or hub id; `builtin:tiny` is built and a .gguf file converted (once, then
-    cached)."""
+    """A loadable path or hub id; `builtin:tiny` is built, a .gguf file converted and a LoRA
+    adapter directory merged into its base (once each, then cached; alignloop.models.adapters)."""
     if is_gguf(model.path):
         return str(convert_gguf(model.path))
+    if is_adapter(model.path):
+        return str(_resolve_adapter(model.path))
     if model.path != BUILTIN_MODEL:
         return model.path
     from alignloop.models.tiny import build_tiny
@@ -37,6 +40,17 @@ def resolve_path(model: ModelConfig) -> str:
     overrides = dict(model.tiny)
     seed = overrides.pop("seed", 0)
     return str(build_tiny(seed=seed, **overrides))
+
+
+def _resolve_adapter(path: str) -> Path:
+    import json
+
+    from alignloop.models.adapters import merge_adapter
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if is_adapter(base):
+        base = str(_resolve_adapter(base))
+    return merge_adapter(path, base)
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
@@ -113,37 +127,6 @@ def _merged_adapter(path: str, model_class, kwargs):
     adapted = PeftModel.from_pretrained(base, path, config=config)
     untie_adapted_embeddings(adapted)
     return adapted.merge_and_unload()
-
-
-def untie_adapted_embeddings(model) -> bool:
-    """Gives a LoRA-adapted embedding of a tied pair its own copy of the matrix; True if it did.
-
-    With tied embeddings one matrix E serves as input embedding and output layer. LoRA on one
-    side (`target_modules: [..., embed_tokens]`, or `lm_head` where the trainer allows it; TRL's
-    SFTTrainer refuses that) changes that side only: the adapter computes with E + dE there and
-    E on the other side. Merging into the shared E would move both sides (the logits then differ
-    from the adapter's; peft only warns). So the adapted side's base layer is cloned before
-    merging and the config says untied: the merged model equals the adapter on its base.
-    "all-linear" leaves both embeddings alone and `modules_to_save` trains a copy, so neither
-    unties anything: the merged model stays tied.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    inner = model.get_base_model()
-    sides = [inner.get_input_embeddings(), inner.get_output_embeddings()]
-    if any(side is None for side in sides):
-        return False
-    layers = [side.get_base_layer() if isinstance(side, LoraLayer) else side for side in sides]
-    weights = [getattr(layer, "weight", None) for layer in layers]
-    if weights[0] is None or weights[0] is not weights[1]:  # not tied
-        return False
-    adapted = [layer for side, layer in zip(sides, layers) if isinstance(side, LoraLayer)]
-    for layer in adapted:
-        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    if adapted:
-        inner.config.tie_word_embeddings = False
-        logger.info("the adapter changes a tied embedding: the merged model is saved untied")
-    return bool(adapted)
 
 
 def bnb_config(quantization, compute_dtype: torch.dtype):

@@ -27,7 +27,8 @@ from alignloop.data.splitting import split_dataset
 from alignloop.data.sources import format_report, load_sources
 from alignloop.kernels import fused_head
 from alignloop.models.averaging import average_checkpoints
-from alignloop.models.loading import load_model, load_tokenizer, lora_config, untie_adapted_embeddings
+from alignloop.models.adapters import untie_adapted_embeddings
+from alignloop.models.loading import load_model, load_tokenizer, lora_config
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
 
