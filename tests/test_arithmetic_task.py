@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from alignloop.data.tasks import BUILTIN, VERIFIERS
-from alignloop.data.tasks.arithmetic import _key, check, extract_answer, problems, records
+from alignloop.data.tasks import BUILTIN
+from alignloop.reward.verifiers import resolve_verifier
+from alignloop.data.tasks.arithmetic import _key, check, extract_answer, problems, records, verify
 
 
 def problem_of(question):
@@ -66,7 +67,7 @@ def test_extract_answer(text, value):
 def test_check_and_registry():
     assert check("482 plus 37 is 519.", 519) and not check("482 plus 37 is 518.", 519)
     assert not check("nothing", 3) and not check("5", None)
-    assert BUILTIN["arithmetic"] is records and VERIFIERS["arithmetic"] is check
+    assert BUILTIN["arithmetic"] is records and resolve_verifier("arithmetic") is verify
 
 
 def test_worked_answers_are_true_step_by_step():

@@ -104,6 +104,13 @@ def test_vision_recipes_are_strict(tmp_path):
         load_recipe({**base, "vision": {"stages": ["sft"]}})
     with pytest.raises(RecipeError, match="vision stages run in the order adapter, sft, reward, dpo"):
         load_recipe({**base, "vision": {"stages": ["sft", "adapter"]}})
+    # the evaluation task resolves through the one verifier registry (alignloop.reward.verifiers)
+    evaluation = {"data": _shapes(), "task": "shapez"}
+    with pytest.raises(RecipeError, match=r"vision.evaluation.task: unknown verifier 'shapez' \(known: "
+                                          r"arithmetic, safety, shapes"):
+        load_recipe({**base, "vision": {**base["vision"], "evaluation": evaluation}})
+    evaluation["task"] = "alignloop.data.tasks.shapes:verify"  # a module:function path works too
+    assert load_recipe({**base, "vision": {**base["vision"], "evaluation": evaluation}}).vision.evaluation
 
 
 def test_vision_run_accuracy_rises_text_unchanged_and_resumes(tmp_path, capsys):

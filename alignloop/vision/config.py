@@ -182,7 +182,7 @@ class VisionRejectionSamplingSection(RejectionSamplingConfig):
 
 class VisionEvaluation(Strict):
     """Held-out answer accuracy (greedy answers checked by `task`, a verifier of
-    alignloop.data.tasks.VERIFIERS) before and after the stages, and whether text-only answers to
+    alignloop.reward.verifiers) before and after the stages, and whether text-only answers to
     `text_prompts` stay token-identical to the language model's (they must, with a frozen LM)."""
 
     task: str = "shapes"
@@ -330,11 +330,12 @@ def check_vision(cfg, where) -> list[str]:
     if vision.evaluation is not None and not vision.evaluation.data:
         problems.append(where("vision.evaluation.data", "answer accuracy needs prompts with answers"))
     if vision.evaluation is not None:
-        from alignloop.data.tasks import VERIFIERS
+        from alignloop.reward.verifiers import resolve_verifier
 
-        if vision.evaluation.task not in VERIFIERS:
-            problems.append(where("vision.evaluation.task", f"unknown task '{vision.evaluation.task}' "
-                                                            f"(known: {', '.join(sorted(VERIFIERS))})"))
+        try:
+            resolve_verifier(vision.evaluation.task)
+        except ValueError as err:
+            problems.append(where("vision.evaluation.task", str(err)))
     rm = vision.reward.text_reward_model
     if rm is not None and rm.startswith(("/", "./", "../", "~")) and not Path(rm).expanduser().exists():
         problems.append(where("vision.reward.text_reward_model", f"no such directory: {rm}"))

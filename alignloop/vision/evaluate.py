@@ -1,7 +1,7 @@
 """Held-out answer accuracy of a vision model, and its answers to text-only prompts.
 
 Greedy answers to `vision_prompt` records (each with an `answer`) are checked by a verifier of
-`alignloop.data.tasks.VERIFIERS` (the shapes demo: exact one-word answers). The text-only
+`alignloop.reward.verifiers` (the shapes demo: exact one-word answers). The text-only
 prompts are answered without images: with a frozen language model their tokens must not change
 after adapter training (reference C2: "the model starts identical to Llama 3.1", and stays so
 on text).
@@ -19,10 +19,10 @@ def evaluate(model, tokenizer, processor, records: list[dict],
              section) -> tuple[dict, list[dict], list[dict]]:
     """(metrics, one answer row per record, one row per text prompt) for `section`
     (VisionEvaluation: task, max_new_tokens, batch_size, text_prompts)."""
-    from alignloop.data.tasks import VERIFIERS
+    from alignloop.reward.verifiers import resolve_verifier
     from alignloop.vision.data import VisionCollator
 
-    check = VERIFIERS[section.task]
+    verify = resolve_verifier(section.task)
     collator = VisionCollator(tokenizer, processor, "vision_prompt")
     from alignloop.vision.llama3v import Llama3V, Llama3VCollator
 
@@ -35,7 +35,7 @@ def evaluate(model, tokenizer, processor, records: list[dict],
         for record, response in zip(chunk, responses):
             task = (record.get("metadata") or {}).get("task", section.task)
             answers.append({"prompt_id": record["prompt_id"], "task": task, "answer": record["answer"],
-                            "response": response, "correct": bool(check(response, record["answer"]))})
+                            "response": response, "correct": bool(verify(record, response))})
     by_task = defaultdict(list)
     for row in answers:
         by_task[row["task"]].append(row["correct"])
