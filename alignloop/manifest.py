@@ -11,6 +11,7 @@ Standard library only, and no other alignloop module: the bottom layer (tests/te
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -100,11 +101,19 @@ def content_hash(value) -> str:
 
 def fingerprint(path: str | Path) -> str:
     """16 hex digits of the sha256 over a file's bytes, or a directory's files (names and bytes,
-    sorted)."""
+    sorted). Remembered per (file, size, mtime) signature: a run asks for the same data files and
+    adapter directories in every stage key and evaluation, and reads them once."""
     path = Path(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    stats = [file.stat() for file in files]
+    return _fingerprint(path, tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
+
+
+@functools.lru_cache(maxsize=512)
+def _fingerprint(path: Path, signature: tuple) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in signature:
+        file = Path(name)
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

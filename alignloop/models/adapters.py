@@ -27,12 +27,8 @@ def is_adapter(path) -> bool:
     return path is not None and (Path(str(path)) / "adapter_config.json").is_file()
 
 
-def adapter_fingerprint(path) -> str:
-    return fingerprint(path)
-
-
 def merged_dir(path) -> Path:
-    return cache_root() / f"merged-{adapter_fingerprint(path)}"
+    return cache_root() / f"merged-{fingerprint(path)}"
 
 
 def merge_adapter(path, base_path: str) -> Path:
@@ -61,16 +57,27 @@ def merge_adapter(path, base_path: str) -> Path:
 
 
 def _write_merged(path: Path, base_path: str, out: Path) -> None:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
-    adapted = PeftModel.from_pretrained(base, str(path))
-    untie_adapted_embeddings(adapted)
-    adapted.merge_and_unload().save_pretrained(out)
+    merged_model(path, AutoModelForCausalLM, base_path=base_path, dtype="auto").save_pretrained(out)
     sources = [p for p in (path, Path(base_path)) if (p / "tokenizer_config.json").is_file()]
     if sources:  # the adapter's tokenizer (chat template included), else its base's
         AutoTokenizer.from_pretrained(str(sources[0])).save_pretrained(out)
+
+
+def merged_model(path, model_class, *, base_path: str | None = None, **kwargs):
+    """The adapter at `path` on its base (`base_path`, else the adapter's own record), merged;
+    `kwargs` go to `model_class.from_pretrained`. A causal-LM adapter on another head (a reward
+    model from an SFT adapter) is applied by the generic PeftModel to the shared body."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(path))
+    base = model_class.from_pretrained(base_path or config.base_model_name_or_path, **kwargs)
+    if config.task_type == "CAUSAL_LM" and not hasattr(base, "prepare_inputs_for_generation"):
+        config.task_type = None
+    adapted = PeftModel.from_pretrained(base, str(path), config=config)
+    untie_adapted_embeddings(adapted)
+    return adapted.merge_and_unload()
 
 
 def untie_adapted_embeddings(model) -> bool:

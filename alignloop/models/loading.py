@@ -17,7 +17,7 @@ from alignloop.data.templates import select_template
 from alignloop.kernels import ATTENTION
 from alignloop.kernels import register as register_attention
 from alignloop.models.gguf import convert as convert_gguf
-from alignloop.models.adapters import is_adapter, untie_adapted_embeddings
+from alignloop.models.adapters import is_adapter, merged_model
 from alignloop.models.gguf import is_gguf
 
 logger = logging.getLogger("alignloop.models")
@@ -105,28 +105,12 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
         kwargs["device_map"] = _device_map()
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file() and not quantize:
-        model = _merged_adapter(path, model_class, kwargs)
+        model = merged_model(path, model_class, **kwargs)
     else:
         model = model_class.from_pretrained(path, **kwargs)
     logger.info("loaded %s (%s, %.1fM parameters%s)", path, dtype, model.num_parameters() / 1e6,
                 ", quantized" if quantize else "")
     return model
-
-
-def _merged_adapter(path: str, model_class, kwargs):
-    from peft import PeftModel
-
-    from peft import PeftConfig
-
-    config = PeftConfig.from_pretrained(path)
-    base = model_class.from_pretrained(config.base_model_name_or_path, **kwargs)
-    if config.task_type == "CAUSAL_LM" and not hasattr(base, "prepare_inputs_for_generation"):
-        # a causal-LM adapter on another head (a reward model from an SFT adapter): the generic
-        # PeftModel applies the same LoRA weights to the shared body; the head is the new model's
-        config.task_type = None
-    adapted = PeftModel.from_pretrained(base, path, config=config)
-    untie_adapted_embeddings(adapted)
-    return adapted.merge_and_unload()
 
 
 def bnb_config(quantization, compute_dtype: torch.dtype):
