@@ -90,12 +90,9 @@ def _validate(args) -> int:
 def _run(args) -> int:
     from alignloop.config import load_recipe
 
-    cfg = load_recipe(args.recipe, args.overrides, output_dir=args.output_dir)
-    if cfg.vision is not None:  # a vision recipe runs vision.stages (docs/vision.md)
-        from alignloop.vision.runner import run
-    else:
-        from alignloop.pipeline.runner import run
-    run(cfg)
+    from alignloop.pipeline.runner import run
+
+    run(load_recipe(args.recipe, args.overrides, output_dir=args.output_dir))
     return 0
 
 
@@ -104,8 +101,6 @@ def _stage(args) -> int:
     from alignloop.pipeline.runner import run_stage
 
     cfg = load_recipe(args.recipe, args.overrides, output_dir=args.output_dir)
-    if cfg.vision is not None:  # vision_adapter, vision_sft, ... (docs/vision.md)
-        from alignloop.vision.runner import run_stage
     try:
         result = run_stage(args.name, cfg, round=args.round)
     except ValueError as err:

@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+
+class SectionProblems(ValueError):
+    """What a section's validator raises: one (key within the section, message) per problem.
+
+    pydantic's `loc` of a model validator's error stops at the section; the recipe loader
+    (alignloop.recipe_source) appends these keys to it, so that each message still names
+    `file:line: section.key`. Outside a recipe the text reads `key: message; ...`.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise SectionProblems(problems)
 
 
 class Strict(BaseModel):
@@ -36,7 +54,11 @@ class QuantizationOptions(Strict):
 class TrainerSection(BaseModel):
     """A training stage's section: alignloop's keys (declared by subclasses) plus any key of the
     stage's TRL config (SFTConfig, RewardConfig, DPOConfig), passed through and type-checked by
-    `alignloop.config`."""
+    `alignloop.training.check_trainer_options`.
+
+    The section's own rules are `problems()`, which subclasses extend; the validator raises them
+    all at once.
+    """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
@@ -52,6 +74,27 @@ class TrainerSection(BaseModel):
     @property
     def trainer_options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _rules(self) -> "TrainerSection":
+        raise_problems(self.problems())
+        return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for each rule this section breaks: here, the keys that only go with
+        some training `method` (a section without `method` has none of them)."""
+        declared = type(self).model_fields
+        method = self.method if "method" in declared else None
+        problems = []
+        if method == "full":
+            problems += [(key, "only used when method is lora or qlora (it is 'full')")
+                         for key in ("lora", "quantization")
+                         if key in declared and getattr(self, key) is not None]
+            if "merge" in declared and self.merge:
+                problems.append(("merge", "merging needs method lora or qlora"))
+        if method == "lora" and "quantization" in declared and self.quantization is not None:
+            problems.append(("quantization", "quantization is for method: qlora"))
+        return problems
 
 
 class ScoringConfig(Strict):

@@ -42,3 +42,20 @@ def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def kill_at_first_checkpoint(command: list[str], checkpoints, cwd) -> None:
+    """Starts `command` (an `alignloop run`) and SIGKILLs it once a complete trainer checkpoint
+    (one with trainer_state.json, which transformers writes last) is in `checkpoints`."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before a checkpoint appeared in {checkpoints}"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

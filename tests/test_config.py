@@ -7,7 +7,8 @@ from textwrap import dedent
 import pytest
 
 from alignloop import config, hardware
-from alignloop.config import RecipeError, load_recipe, trainer_args
+from alignloop.config import RecipeError, load_recipe
+from alignloop.training import trl_config
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "example_chat.jsonl"
 
@@ -33,7 +34,7 @@ def test_minimal_recipe_gets_defaults_and_builds_sft_config(tmp_path):
         """)
     cfg = load_recipe(path)
     assert cfg.model.path == "builtin:tiny" and cfg.sft.method == "full" and cfg.stages == ["sft"]
-    args = trainer_args(cfg, "sft", tmp_path / "out")
+    args = trl_config("sft", cfg.sft, seed=cfg.seed, precision="fp32", output_dir=tmp_path / "out")
     assert args.learning_rate == 2e-5  # `2e-5` is a float, not the string YAML 1.1 makes of it
     assert args.output_dir == str(tmp_path / "out") and args.max_length == 1024
 
@@ -115,9 +116,9 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("section, expected", [
-    ("method: full\n  lora: {r: 8}", "sft.lora: only used when sft.method is lora or qlora (it is 'full')"),
-    ("method: full\n  merge: true", "sft.merge: merging needs sft.method lora or qlora"),
-    ("method: lora\n  quantization: {bits: 4}", "sft.quantization: quantization is for sft.method: qlora"),
+    ("method: full\n  lora: {r: 8}", "sft.lora: only used when method is lora or qlora (it is 'full')"),
+    ("method: full\n  merge: true", "sft.merge: merging needs method lora or qlora"),
+    ("method: lora\n  quantization: {bits: 4}", "sft.quantization: quantization is for method: qlora"),
     ("output_dir: elsewhere", "sft.output_dir: not settable here: set the top-level output_dir"),
     ("assistant_only_loss: true", "sft.assistant_only_loss: not settable here: the loss is always on "
                                   "assistant tokens only (our masks)"),
@@ -210,7 +211,8 @@ def test_data_source_needs_exactly_one_origin(tmp_path):
 
 def test_gradient_checkpointing_is_an_alias(tmp_path):
     path = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  gradient_checkpointing: false\n")
-    args = trainer_args(load_recipe(path), "sft", tmp_path)
+    cfg = load_recipe(path)
+    args = trl_config("sft", cfg.sft, seed=cfg.seed, precision="fp32", output_dir=tmp_path)
     assert args.activation_checkpointing is False
 
 
@@ -277,3 +279,118 @@ def test_loop_recipe_problems_name_file_line_and_key(tmp_path, edit, key, reason
 def test_a_loop_problem_from_the_command_line_names_the_override(tmp_path):
     found = problems(write(tmp_path, LOOP), ["rejection_sampling.prompts=[]"], check_trainer=False)
     assert found == ["--set rejection_sampling.prompts: rejection sampling needs prompts"]
+
+
+# ---- a section's own rules: validators that name the key inside the section ------------------
+
+def test_section_problems_extend_pydantic_loc_to_the_key():
+    """pydantic's loc for a model validator stops at the section (`section.0`); the validator
+    raises SectionProblems with the key inside it (`high`), which schema_problems appends, and
+    Where finds that key's line (4)."""
+    from pydantic import ValidationError, model_validator
+
+    from alignloop.options import Strict, raise_problems
+    from alignloop.recipe_source import Where, schema_problems
+
+    class Inner(Strict):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def _rules(self):
+            raise_problems([("high", "must be above low")] if self.high <= self.low else [])
+            return self
+
+    class Root(Strict):
+        section: list[Inner]
+
+    with pytest.raises(ValidationError) as err:
+        Root.model_validate({"section": [{"low": 2, "high": 1}]})
+    lines = {"section": 1, "section.0": 2, "section.0.low": 3, "section.0.high": 4}
+    assert schema_problems(err.value, Root, Where("r.yaml", lines)) == [
+        "r.yaml:4: section.0.high: must be above low"]
+    with pytest.raises(ValueError, match="high: must be above low"):  # outside a recipe
+        Inner(low=2, high=1)
+
+
+def test_a_trainer_section_rule_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, f"""
+        stages: [dpo]
+        dpo:
+          data:
+            - path: {DATA}
+          merge: true
+        """)
+    assert problems(path, check_trainer=False) == [f"{path}:5: dpo.merge: merging needs method lora or qlora"]
+
+
+def test_initial_sft_keys_are_checked_merged_over_sft(tmp_path):
+    """initial_sft may give a `lora` block alone (the method is sft's); the rules apply to the
+    merged section, reported under initial_sft (its line, as `merge` is not in it)."""
+    text = f"""
+        sft:
+          method: lora
+          merge: true
+          data:
+            - path: {DATA}
+        initial_sft:
+          lora: {{r: 4}}
+        """
+    cfg = load_recipe(write(tmp_path, text), check_trainer=False)
+    assert cfg.initial_sft_section.method == "lora" and cfg.initial_sft_section.lora.r == 4
+    path = write(tmp_path, text.replace("lora: {r: 4}", "method: full"))
+    assert problems(path, check_trainer=False) == [
+        f"{path}:6: initial_sft.merge: merging needs method lora or qlora"]
+
+
+def test_samples_per_prompt_rule_once_for_text_and_vision(tmp_path):
+    """One rule (RejectionSamplingConfig.problems), reached through the text section and through
+    the vision section that subclasses it; each message names the file, the line and the key."""
+    text = write(tmp_path, """
+        stages: [rejection_sampling]
+        rejection_sampling:
+          prompts: [{builtin: arithmetic, count: 4}]
+          num_samples: 1
+          scoring: {reward_model: 0, verifiers: {arithmetic: 1.0}}
+        """)
+    pairs = ("rejection_sampling.num_samples: building best/worst pairs needs at least 2 samples "
+             "per prompt (got 1); raise it or set pairs: false")
+    assert problems(text, check_trainer=False) == [f"{text}:4: {pairs}"]
+    vision = tmp_path / "vision.yaml"
+    vision.write_text(dedent("""
+        vision:
+          adapter_config: {encoder: tiny}
+          stages: [rejection_sampling]
+          rejection_sampling:
+            prompts: [{builtin: shapes, count: 4}]
+            temperatures: [0.7, 1.0]
+            num_samples: 1
+            scoring: {reward_model: 0, verifiers: {shapes: 1.0}}
+        """).lstrip())
+    assert problems(vision, check_trainer=False) == [
+        f"{vision}:7: vision.{pairs}",
+        f"{vision}:7: vision.rejection_sampling.num_samples: 1 samples cannot cover 2 temperature(s) "
+        "x 1 system prompt(s)"]
+
+
+def test_vision_rejection_sampling_adds_its_own_rule(tmp_path):
+    from alignloop.rejection_sampling.config import RejectionSamplingConfig
+    from alignloop.vision.config import VisionRejectionSamplingSection
+
+    assert issubclass(VisionRejectionSamplingSection, RejectionSamplingConfig)
+    RejectionSamplingConfig(system_prompts=[None, "Be brief."])
+    with pytest.raises(ValueError, match="system_prompts: not supported for vision prompts yet"):
+        VisionRejectionSamplingSection(system_prompts=[None, "Be brief."])
+
+
+def test_the_resolved_recipe_loads_as_the_same_recipe(tmp_path):
+    """recipe.yaml (dump_recipe) keeps initial_sft to the keys it replaces: written out in full,
+    its defaults (method: full) would replace the sft section's LoRA in round 0."""
+    from alignloop.config import dump_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_loop.yaml"
+    cfg = load_recipe(recipe, ["model.path=builtin:tiny"], check_trainer=False)
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(cfg))
+    again = load_recipe(tmp_path / "recipe.yaml", check_trainer=False)
+    assert again.initial_sft_section == cfg.initial_sft_section and again.initial_sft_section.method == "lora"
+    assert again.model_dump() == cfg.model_dump()

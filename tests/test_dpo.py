@@ -145,10 +145,11 @@ def hand_pairs(tmp_path):
 
 
 def one_batch_trainer(tmp_path, **dpo):
-    from alignloop.config import trainer_args
     from alignloop.dpo.stage import pairs_dataset, preference_pairs
     from alignloop.dpo.trainer import make_trainer
+    from alignloop.hardware import resolve_precision
     from alignloop.models.loading import load_tokenizer, resolve_path
+    from alignloop.training import trl_config
 
     cfg = recipe(tmp_path, hand_pairs(tmp_path), precompute_ref_log_probs=True, **dpo)
     ctx = context(tmp_path, resolve_path(cfg.model))
@@ -156,7 +157,8 @@ def one_batch_trainer(tmp_path, **dpo):
     records.sort(key=lambda r: len(r["chosen"]))  # pair 0, then pair 1
     tokenizer = load_tokenizer(cfg.model, ctx.policy)
     trainer = make_trainer(cfg, ctx.policy, tokenizer, pairs_dataset(records, ctx.work_dir),
-                           trainer_args(cfg, "dpo", ctx.work_dir / "checkpoints"))
+                           trl_config("dpo", cfg.dpo, seed=cfg.seed, precision=resolve_precision(cfg.precision),
+                                      output_dir=ctx.work_dir / "checkpoints"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     return trainer, batch, tokenizer
 
@@ -226,7 +228,7 @@ def test_nll_per_sequence_and_per_token_on_a_hand_derived_example():
     (10 x 0.5) / 10 = 0.5, averaged over the pairs (4 + 0.5) / 2 = 2.25. Per token (TRL):
     (2 x 4 + 10 x 0.5) / 12 = 13 / 12 = 1.0833. The short answer weighs half the term per
     sequence but 2/12 of it per token."""
-    from alignloop.dpo.trainer import chosen_nll
+    from alignloop.losses import chosen_nll
 
     T = 14  # 13 predicted positions after the shift
     mask = torch.zeros(4, T, dtype=torch.long)  # rows [chosen 0, chosen 1, rejected 0, rejected 1]

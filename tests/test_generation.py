@@ -62,6 +62,28 @@ def test_hf_greedy_takes_the_argmax(tiny_dir):
             gen.generate(PROMPTS[:1], SamplingSettings(n=2, temperature=0.0))
 
 
+def test_hf_sampling_is_seeded_once_per_call_and_leaves_the_global_rng(tiny_dir):
+    """A call draws from its own RNG seeded once with settings.seed, batch after batch: the same
+    call twice gives the same samples whatever ran before it (the global RNG is advanced in
+    between), another seed gives others, and the caller's global RNG is left as it was."""
+    import torch
+
+    from alignloop.generation.hf import generate_samples
+    from alignloop.models.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_dir), dtype=torch.float32)
+    settings = SamplingSettings(n=2, max_new_tokens=6, temperature=1.0, seed=5)
+    state = torch.get_rng_state()
+    first = generate_samples(model, tokenizer, PROMPTS, settings, batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(7)
+    again = generate_samples(model, tokenizer, PROMPTS, settings, batch_size=2, progress=False)
+    other = generate_samples(model, tokenizer, PROMPTS, SamplingSettings(
+        n=2, max_new_tokens=6, temperature=1.0, seed=6), batch_size=2, progress=False)
+    ids = [[[s.token_ids for s in g] for g in out] for out in (first, again, other)]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
 @pytest.mark.slow
 def test_adapter_samples_pass_the_guard_and_fail_it_against_the_base(adapter_dir, tiny_dir):
     """hf sampling from the adapter (peft): its log-probs match the adapter within the fp32

@@ -99,3 +99,26 @@ def test_lower_layers_never_import_vision():
 
 def test_manifest_module_is_the_bottom_layer():
     assert import_graph()["alignloop.manifest"] <= {"alignloop._version"}
+
+
+def test_no_stage_imports_another_stages_module():
+    """What the stages share lives below them (alignloop.training, models, data), not in one
+    stage's module that the others import (dpo, reward and vision used to import sft.stage)."""
+    graph = import_graph()
+    stages = {m for m in graph if m.endswith(".stage")} | {"alignloop.vision.rejection_sampling"}
+    crossing = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                      if t in stages and m.split(".")[:2] != t.split(".")[:2]
+                      and not m.startswith(("alignloop.pipeline", "alignloop.cli")))  # they run stages
+    assert crossing == []
+
+
+def test_the_trainer_arguments_module_does_not_import_the_recipe_loader():
+    """alignloop.config imports alignloop.training to check and build a recipe's trainer
+    arguments; training must not need the loader back (nor anything that imports it)."""
+    graph, seen, todo = import_graph(), set(), ["alignloop.training"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += sorted(graph.get(module, ()))
+    assert "alignloop.config" not in seen

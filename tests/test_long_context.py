@@ -176,10 +176,12 @@ def test_dpo_log_probs_and_loss_equal_trls_path(tmp_path):
     are the same with our head and TRL's."""
     import json
 
-    from alignloop.config import load_recipe, trainer_args
+    from alignloop.config import load_recipe
     from alignloop.dpo.stage import pairs_dataset
     from alignloop.dpo.trainer import make_trainer
+    from alignloop.hardware import resolve_precision
     from alignloop.models.loading import load_tokenizer, resolve_path
+    from alignloop.training import trl_config
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
@@ -196,7 +198,8 @@ def test_dpo_log_probs_and_loss_equal_trls_path(tmp_path):
         work = tmp_path / f"work-{fused}"
         work.mkdir()
         trainer = make_trainer(cfg, policy, tokenizer, pairs_dataset(rows, work),
-                               trainer_args(cfg, "dpo", work / "checkpoints"))
+                               trl_config("dpo", cfg.dpo, seed=cfg.seed, output_dir=work / "checkpoints",
+                                          precision=resolve_precision(cfg.precision)))
         inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         inputs["ref_chosen_logps"] = torch.tensor([-40.0, -55.0, -30.0, -20.0])
         inputs["ref_rejected_logps"] = torch.tensor([-35.0, -30.0, -45.0, -25.0])

@@ -5,8 +5,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignloop.config import load_recipe, trainer_args
+from alignloop.config import load_recipe
+from alignloop.hardware import resolve_precision
 from alignloop.models import memory
+from alignloop.training import trl_config
 
 from tests.test_config import DATA, write
 
@@ -74,20 +76,25 @@ def test_the_decision_follows_the_memory_left():
                                       weights_bytes=16 * GiB, available=80 * GiB)
 
 
+def sft_args(cfg, output_dir, model_path=None):
+    return trl_config("sft", cfg.sft, seed=cfg.seed, precision=resolve_precision(cfg.precision),
+                      output_dir=output_dir, model_path=model_path)
+
+
 def test_trainer_args_auto_reads_the_checkpoint_and_a_recipe_value_wins(tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     LlamaConfig(**SMOLLM2).save_pretrained(model_dir)
     recipe = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  method: lora\n  max_length: 128\n")
     cfg = load_recipe(recipe)
     monkeypatch.setattr(memory, "available_bytes", lambda: 20 * GiB)
-    assert trainer_args(cfg, "sft", tmp_path / "out", str(model_dir)).activation_checkpointing is False
+    assert sft_args(cfg, tmp_path / "out", str(model_dir)).activation_checkpointing is False
     monkeypatch.setattr(memory, "available_bytes", lambda: GiB)
-    assert trainer_args(cfg, "sft", tmp_path / "out", str(model_dir)).activation_checkpointing is True
+    assert sft_args(cfg, tmp_path / "out", str(model_dir)).activation_checkpointing is True
     # without a checkpoint (a recipe being validated) auto is TRL's default, on
-    assert trainer_args(cfg, "sft", tmp_path / "out").activation_checkpointing is True
+    assert sft_args(cfg, tmp_path / "out").activation_checkpointing is True
     monkeypatch.setattr(memory, "available_bytes", lambda: 20 * GiB)
     for text, expected in (("activation_checkpointing: true", True), ("gradient_checkpointing: true", True),
                            ("activation_checkpointing: false", False)):
         recipe = write(tmp_path, f"sft:\n  data:\n    - path: {DATA}\n  method: lora\n  {text}\n")
-        args = trainer_args(load_recipe(recipe), "sft", tmp_path / "out", str(model_dir))
+        args = sft_args(load_recipe(recipe), tmp_path / "out", str(model_dir))
         assert args.activation_checkpointing is expected, text

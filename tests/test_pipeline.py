@@ -1,11 +1,8 @@
 """The loop as one resumable command: rounds of stages, keys that chain, kill -9 and resume."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 
 from alignloop.config import load_recipe
 from alignloop.pipeline.runner import plan, read_manifest
+from conftest import kill_at_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "alignloop.cli"]
@@ -132,16 +130,8 @@ def test_kill_9_in_a_training_stage_then_resume_matches_an_uninterrupted_run(tmp
     out = subprocess.run([*CLI, "run", str(straight)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    proc = subprocess.Popen([*CLI, "run", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "b" / ".work" / "round_1" / "sft" / "checkpoints"
-    deadline = time.time() + 600
-    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before round_1/sft could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint([*CLI, "run", str(killed)],
+                             tmp_path / "b" / ".work" / "round_1" / "sft" / "checkpoints", ROOT)
     assert not (tmp_path / "b" / "round_1" / "sft").exists()  # no half-written stage directory
     done_before = set(read_manifest(tmp_path / "b")["stages"])
     assert done_before == {"round_0/sft", "round_1/reward", "round_1/rejection_sampling"}

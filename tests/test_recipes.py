@@ -7,7 +7,9 @@ import pytest
 
 import importlib.util
 
-from alignloop.config import TRAINING_STAGES, RecipeError, load_recipe, trainer_args
+from alignloop.config import RecipeError, load_recipe
+from alignloop.hardware import resolve_precision
+from alignloop.training import trl_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NOT_RECIPES = {"accelerate", "data"}  # accelerate launch configs and example data
@@ -35,8 +37,9 @@ def test_recipe_validates(path, tmp_path):
         overrides.append("generation.backend=hf")
     cfg = load_recipe(path, overrides)
     for rnd in ([0] if cfg.initial_sft else []) + [1]:
-        for stage in [s for s in cfg.for_round(rnd).all_stages if s in TRAINING_STAGES]:
-            args = trainer_args(cfg.for_round(rnd), stage, tmp_path)
+        for stage in cfg.for_round(rnd).trained_stages:
+            args = trl_config(stage, getattr(cfg.for_round(rnd), stage), seed=cfg.seed,
+                              precision=resolve_precision(cfg.precision), output_dir=tmp_path)
             assert args.output_dir == str(tmp_path)
 
 
@@ -82,6 +85,8 @@ def test_128k_recipes_ask_for_what_makes_128k_fit(name, hub_id, offload, tmp_pat
     assert cfg.model.path == hub_id and cfg.model.attn_implementation == ATTENTION
     assert cfg.sft.method == "lora" and "lm_head" not in cfg.sft.lora.target_modules
     assert cfg.sft.fused_loss is True and cfg.sft.long_examples == "split"
-    args = trainer_args(load_recipe(RECIPES / name, ["model.path=builtin:tiny"]), "sft", tmp_path)
+    tiny = load_recipe(RECIPES / name, ["model.path=builtin:tiny"])
+    args = trl_config("sft", tiny.sft, seed=tiny.seed, precision=resolve_precision(tiny.precision),
+                      output_dir=tmp_path)
     assert args.max_length == 131072 and args.activation_checkpointing and args.packing
     assert args.activation_offloading is offload and wanted(cfg.sft.fused_loss, args.max_length)

@@ -446,7 +446,8 @@ def test_stage_keeps_the_reward_models_top_fraction(tmp_path, scripted, tiny_dir
         "prompts": [{"path": str(prompts)}], "samples_per_seed": 4, "top_fraction": 0.5,
         "scoring": {"reward_model": 1.0}}, "rejection_sampling": {"reward_model": str(rm_dir)}},
         check_trainer=False)
-    metrics = stage_run(cfg, context(tmp_path, reward_model=rm_dir), tmp_path / "out")
+    # the reward model's vocabulary is checked against the policy's, as in rejection sampling
+    metrics = stage_run(cfg, context(tmp_path, policy=str(tiny_dir), reward_model=rm_dir), tmp_path / "out")
 
     direct = RewardScorer(rm_dir).score([[{"role": "user", "content": "Name a colour."}]] * 4, answers)
     best_two = {answers[i] for i in sorted(range(4), key=lambda i: -direct[i])[:2]}
@@ -479,7 +480,7 @@ def test_stage_errors_leave_nothing_behind(tmp_path, scripted):
         assert not out.exists()
     assert "malformed {'no_qa_lines': 1}" in str(err.value)  # the counts say why
     # a reward-model weight with no reward model anywhere is caught when the recipe loads
-    with pytest.raises(RecipeError, match="synth_data.scoring.reward_model: scoring with a reward model"):
+    with pytest.raises(RecipeError, match="synth_data.scoring.reward_model: weight 1 but no reward model"):
         load_recipe({"stages": ["synth_data"], "synth_data": {
             "documents": [{"path": str(good)}], "scoring": {"reward_model": 1.0}}}, check_trainer=False)
 

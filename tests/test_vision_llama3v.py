@@ -224,9 +224,9 @@ class EncoderCalls:
 @pytest.fixture(scope="module")
 def llama3v_run(tmp_path_factory):
     """adapter (projector, LM frozen) then sft (projector + LoRA) on 64 shapes questions, with
-    the held-out evaluation before and after, through the vision runner."""
+    the held-out evaluation before and after, through the pipeline."""
     from alignloop.config import load_recipe
-    from alignloop.vision.runner import run
+    from alignloop.pipeline.runner import run
 
     out = tmp_path_factory.mktemp("llama3v") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -235,7 +235,7 @@ def llama3v_run(tmp_path_factory):
     return out, result, calls.count
 
 
-def test_llama3v_run_trains_through_the_vision_runner(llama3v_run, tiny_dir):
+def test_llama3v_run_trains_through_the_pipeline(llama3v_run, tiny_dir):
     out, result, encoder_calls = llama3v_run
     adapter, sft = (result.stages[f"round_1/vision_{s}"].metrics for s in ("adapter", "sft"))
     assert adapter["steps"] == 8 and adapter["trained"] == {"projector": adapter["trained"]["projector"]}
@@ -255,8 +255,8 @@ def test_llama3v_run_trains_through_the_vision_runner(llama3v_run, tiny_dir):
     after_sft = Llama3V.load(out / "round_1" / "vision_sft" / "model")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(after_sft.lm.state_dict()[q], base[q])  # LoRA, merged
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    rows = {row["label"]: row for row in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["base"]["accuracy"] is not None and rows["round_1"]["accuracy"] is not None
     assert json.loads((out / "round_1" / "eval" / "metrics.json").read_text())["count"] == 12
 
 
@@ -265,7 +265,7 @@ def test_llama3v_training_with_a_warm_cache_never_runs_the_encoder(llama3v_run, 
     every picture is cached, so the encoder must not run at all; the adapter stage's losses equal
     the first run's (cached features are the encoder's, bit for bit)."""
     from alignloop.config import load_recipe
-    from alignloop.vision.runner import run
+    from alignloop.pipeline.runner import run
 
     first, result, _ = llama3v_run
     EncoderCalls(monkeypatch, fail=True)
@@ -280,7 +280,7 @@ def test_llama3v_training_with_a_warm_cache_never_runs_the_encoder(llama3v_run, 
 def test_llama3v_rerun_skips_complete_stages(llama3v_run, monkeypatch):
     """The same recipe again: both stages and both evaluations are complete, nothing runs."""
     from alignloop.config import load_recipe
-    from alignloop.vision.runner import run
+    from alignloop.pipeline.runner import run
 
     out, first, _ = llama3v_run
     EncoderCalls(monkeypatch, fail=True)

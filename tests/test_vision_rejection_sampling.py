@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from alignloop.config import RecipeError, load_recipe
+from alignloop.generation.common import Sample, SamplingSettings
+from alignloop.generation.hf import sample_batches
 from alignloop.pipeline.context import StageContext
 from alignloop.vision import rejection_sampling as vrs
 
@@ -57,11 +59,11 @@ def test_keeps_the_first_verified_answer_and_pairs_it_with_a_wrong_one(tmp_path,
     old rule kept a wrong answer); a pair is the best vs a wrong non-empty answer."""
     drawn = iter(range(10_000))
 
-    def fake(policy, tokenizer, batch, n, temperature, top_p, max_new_tokens):
-        return [[(WORDS[next(drawn) % len(WORDS)], "stop") for _ in range(n)]
-                for _ in range(len(batch["input_ids"]))]
+    def fake(policy, tokenizer, prompts, settings, build_batch, batch_size, progress):
+        return [[Sample(WORDS[next(drawn) % len(WORDS)], [], None, "stop") for _ in range(settings.n)]
+                for _ in prompts]
 
-    monkeypatch.setattr(vrs, "generate_samples", fake)
+    monkeypatch.setattr(vrs, "sample_batches", fake)
     cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs())
     metrics = vrs.run(cfg, _ctx(tmp_path, tiny_dir), tmp_path / "out")
 
@@ -112,14 +114,69 @@ def test_samples_from_the_model_reproducibly(tmp_path, tiny_dir):
     assert first["samples"] == 12 and first["best_kept"] == 4
 
 
+def test_vision_sampling_draws_what_a_plain_mllama_generate_draws(tmp_path, tiny_dir):
+    """`sample_batches` on the tiny vision model as transformers' Mllama, over the vision_prompt
+    collator's batches, gives token for token what `generate` itself gives on the same batches
+    when seeded as sample_batches documents (the seed once, then batch after batch; the
+    generation stop ids): 5 prompts in batches of 3 and 2, n = 3 at T = 1, top_p 0.9."""
+    from alignloop.data.sources import load_sources
+    from alignloop.generation.common import cut_at_stop, stop_token_ids
+    from alignloop.vision.convert import to_mllama
+    from alignloop.vision.data import VisionCollator
+    from alignloop.vision.loading import image_processor_for, load_vision_model, load_vision_tokenizer
+
+    cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs(count=5))
+    tokenizer = load_vision_tokenizer(cfg, str(tiny_dir))
+    model = load_vision_model(cfg, str(tiny_dir), tokenizer).eval()
+    collator = VisionCollator(tokenizer, image_processor_for(cfg, model), "vision_prompt")
+    policy = to_mllama(model)
+    records = load_sources(cfg.vision.rejection_sampling.prompts, "vision_prompt").records
+    settings = SamplingSettings(n=3, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    drawn = sample_batches(policy, tokenizer, records, settings, collator, batch_size=3, progress=False)
+
+    stops = stop_token_ids(tokenizer, policy.generation_config.eos_token_id)
+    expected = []
+    torch.manual_seed(7)
+    for first in (0, 3):
+        batch = {k: v for k, v in collator(records[first:first + 3]).items() if k != "labels"}
+        with torch.no_grad():
+            out = policy.generate(**batch, do_sample=True, temperature=1.0, top_p=0.9,
+                                  num_return_sequences=3, max_new_tokens=6, eos_token_id=stops,
+                                  pad_token_id=tokenizer.pad_token_id)  # (B * 3, L + new)
+        expected += [cut_at_stop(row, stops)[0] for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+    assert [len(group) for group in drawn] == [3] * 5
+    assert [s.token_ids for group in drawn for s in group] == expected
+    assert len({tuple(ids) for ids in expected}) > 1  # sampled, not one greedy answer
+    assert all(s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True) and s.logprobs is None
+               for group in drawn for s in group)
+
+
+def test_vllm_backends_are_refused_before_anything_is_loaded(tmp_path):
+    """vLLM no longer runs Mllama (docs/vision.md): generation.backend vllm or vllm_server in a
+    vision recipe with rejection sampling is a recipe error naming the key, and the stage refuses
+    a config built in code before any model loads."""
+    from alignloop.pipeline.errors import StageError
+
+    spec = {"model": {"path": "builtin:tiny"}, "vision": {"stages": ["rejection_sampling"],
+                                                          "rejection_sampling": _rs()}}
+    with pytest.raises(RecipeError, match="generation.backend: vllm_server: vision rejection sampling"):
+        load_recipe({**spec, "generation": {"backend": "vllm_server", "server_url": "http://x:1"}})
+    for backend in ("vllm", "vllm_server"):
+        cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs())
+        cfg.generation.backend = backend
+        with pytest.raises(StageError, match=f"generation.backend {backend}: vision rejection sampling"):
+            vrs.run(cfg, _ctx(tmp_path, tmp_path / "no_model"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_vision_reward_model_scores_the_samples(tmp_path, tiny_dir):
     """A vision reward model on disk (fresh score head on the tiny vision model, saved as the
     vision_reward stage saves it): each candidate's reward equals the model's own score of
-    (prompt, answer), and the kept answer is the one it scores highest."""
+    (prompt, answer) (an empty answer gets none), and the kept answer is the one it scores highest."""
     from alignloop.vision.data import VisionCollator
     from alignloop.vision.reward import VisionRewardModel, save_score
-    from alignloop.vision.stage import (image_processor_for, load_vision_model, load_vision_tokenizer,
-                                        save_vision_model)
+    from alignloop.vision.loading import (image_processor_for, load_vision_model, load_vision_tokenizer,
+                                          save_vision_model)
 
     cfg = _recipe(tmp_path, ["rejection_sampling"], rejection_sampling=_rs(
         count=3, num_samples=3, keep_truncated=True, reward_model=str(tmp_path),
@@ -135,11 +192,13 @@ def test_the_vision_reward_model_scores_the_samples(tmp_path, tiny_dir):
     vrs.run(cfg, _ctx(tmp_path, tiny_dir, reward_model=tmp_path / "rm"), tmp_path / "out")
     candidates = _rows(tmp_path / "out" / "candidates.jsonl")
     collator = VisionCollator(tokenizer, processor, "vision_chat")
+    answered = [c for c in candidates if c["completion"].strip()]
     with torch.no_grad():
         expected = rm(**collator([{"id": c["sample_id"], "messages": c["prompt"] + [
             {"role": "assistant", "content": [{"type": "text", "text": c["completion"]}]}]}
-            for c in candidates])).tolist()
-    assert [c["scores"]["reward_model"] for c in candidates] == pytest.approx(expected, abs=1e-4)
+            for c in answered])).tolist()
+    assert [c["scores"]["reward_model"] for c in answered] == pytest.approx(expected, abs=1e-4)
+    assert all(c["scores"]["reward_model"] is None for c in candidates if c not in answered)
     best = _rows(tmp_path / "out" / "best.jsonl")
     assert {r["metadata"]["prompt_id"]: r["id"] for r in best} == _argmax(candidates, keep_truncated=True)
 
@@ -176,14 +235,14 @@ def test_plan_wires_the_reward_model_and_the_samples_downstream(tmp_path):
     """[adapter, reward, rejection_sampling, sft, dpo]: RS is scored by the reward stage's model
     and changes neither the policy nor the reward model; sft reads best.jsonl, dpo pairs.jsonl;
     their keys change when the rejection-sampling section does."""
-    from alignloop.vision.runner import plan
+    from alignloop.pipeline.plan import plan
 
     data = [{"builtin": "shapes", "split": "train", "count": 8}]
     sections = dict(adapter={"data": data}, reward={"data": data},
                     rejection_sampling=_rs(scoring={"reward_model": 1.0}))
     cfg = _recipe(tmp_path, ["adapter", "reward", "rejection_sampling", "sft", "dpo"], **sections)
     steps, _ = plan(cfg, tmp_path / "run")
-    ctx = {c.name: c for c, _, _ in steps}
+    ctx = {s.ctx.name: s.ctx for s in steps}
     stage_dir = tmp_path / "run" / "round_1"
     assert ctx["vision_rejection_sampling"].reward_model == stage_dir / "vision_reward" / "model"
     assert ctx["vision_rejection_sampling"].policy == str(stage_dir / "vision_adapter" / "model")
@@ -192,8 +251,8 @@ def test_plan_wires_the_reward_model_and_the_samples_downstream(tmp_path):
     assert ctx["vision_dpo"].inputs == {"rs_pairs": [stage_dir / "vision_rejection_sampling" / "pairs.jsonl"]}
     other = _recipe(tmp_path, ["adapter", "reward", "rejection_sampling", "sft", "dpo"],
                     **{**sections, "rejection_sampling": _rs(scoring={"reward_model": 1.0}, num_samples=6)})
-    keys = {c.name: k for c, k, _ in steps}
-    changed = {c.name: k for c, k, _ in plan(other, tmp_path / "run")[0]}
+    keys = {s.ctx.name: s.key for s in steps}
+    changed = {s.ctx.name: s.key for s in plan(other, tmp_path / "run")[0]}
     assert [n for n in keys if keys[n] != changed[n]] == ["vision_rejection_sampling", "vision_sft",
                                                           "vision_dpo"]
 
@@ -203,7 +262,7 @@ def test_adapter_then_rejection_sampling_then_sft_trains_on_the_kept_samples(tmp
     data of its own. SFT trains on exactly the best samples RS kept; a rerun skips every stage.
     The adapter's one epoch rarely names a shape right, so the verifier only scores here
     (min_verifier_score None) and every prompt keeps its argmax: this test is about the hand-off."""
-    from alignloop.vision.runner import run
+    from alignloop.pipeline.runner import run
 
     train = dict(per_device_train_batch_size=8, learning_rate=3.0e-3, num_train_epochs=1,
                  logging_steps=1, save_steps=100, max_length=64)
@@ -230,9 +289,9 @@ def test_adapter_then_rejection_sampling_then_sft_trains_on_the_kept_samples(tmp
 
 def test_the_reward_stage_scores_and_dpo_trains_on_the_pairs(tmp_path):
     """[adapter, reward, rejection_sampling, dpo] in one run: the samples are scored by the
-    reward stage's model (a reward on every candidate, none from verifiers), and DPO, with no
+    reward stage's model (a reward on every answer that is not empty, none from verifiers), and DPO, with no
     data of its own, trains on exactly the pairs kept."""
-    from alignloop.vision.runner import run
+    from alignloop.pipeline.runner import run
 
     train = dict(per_device_train_batch_size=8, learning_rate=3.0e-3, num_train_epochs=1,
                  logging_steps=1, save_steps=100, max_length=64)
@@ -246,8 +305,9 @@ def test_the_reward_stage_scores_and_dpo_trains_on_the_pairs(tmp_path):
     stage_dir = tmp_path / "run" / "round_1"
     candidates = _rows(stage_dir / "vision_rejection_sampling" / "candidates.jsonl")
     assert len(candidates) == 18
-    assert all(isinstance(c["scores"]["reward_model"], float) and c["scores"]["verifiers"] == {}
-               for c in candidates)
+    assert all(isinstance(c["scores"]["reward_model"], float) == bool(c["completion"].strip())
+               and c["scores"]["verifiers"] == {} for c in candidates)  # empty answers get none
+    assert sum(isinstance(c["scores"]["reward_model"], float) for c in candidates) >= 12
     rs = result.stages["round_1/vision_rejection_sampling"].metrics
     assert rs["scoring"]["reward_model"] == str(stage_dir / "vision_reward" / "model")
     pairs = _rows(stage_dir / "vision_rejection_sampling" / "pairs.jsonl")

@@ -13,6 +13,7 @@ from alignloop.options import LoraOptions, QuantizationOptions, TrainerSection
 class DPOStageConfig(TrainerSection):
     """Our keys below; any other key is a TRL DPOConfig option (beta defaults to 0.1 as in Llama 3)."""
 
+    learning_rate: float = 1e-5  # DPOConfig's, with Llama 3's value (reference A5); TRL's is 1e-6
     method: Literal["full", "lora", "qlora"] = "full"
     lora: LoraOptions | None = None
     quantization: QuantizationOptions | None = None
@@ -34,3 +35,13 @@ class DPOStageConfig(TrainerSection):
     # Fused linear + cross-entropy for the policy's and reference's per-token log-probs
     # (alignloop.kernels.fused_loss). "auto": on when max_length >= 4096; false: TRL's own head.
     fused_loss: Literal["auto"] | bool = "auto"
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems, options = super().problems(), self.trainer_options
+        if options.get("padding_free") is True:
+            problems.append(("padding_free", "TRL 1.16's DPOTrainer has no padding-free mode (it "
+                                             "would fall back to padding); remove the key"))
+        if self.fused_loss is True and options.get("use_weighting") is True:
+            problems.append(("fused_loss", "the fused loss does not compute what WPO weighting "
+                                           "(use_weighting) needs; set one of them to false"))
+        return problems

@@ -2,7 +2,7 @@
 
 The trainer is TRL's DPOTrainer: sigmoid loss with beta 0.1 plus an NLL term on the chosen
 response (weight `dpo.nll_weight`, 0.2 in Llama 3; TRL loss types ["sigmoid", "sft"], set by
-`alignloop.config.trainer_args`). Our part: the pairs (the user's pairs and rankings, the round's
+`alignloop.training.trl_config`). Our part: the pairs (the user's pairs and rankings, the round's
 rejection-sampling pairs, safety pairs), the formatting-token mask (`alignloop.dpo.masking`, applied
 in `alignloop.dpo.trainer`), the reference model (the model DPO starts from), resume, and:
 
@@ -21,14 +21,16 @@ import random
 import time
 from pathlib import Path
 
-from alignloop.config import Recipe, trainer_args
+from alignloop.config import Recipe
 from alignloop.data.contracts import ranking_to_pairs
 from alignloop.data.readers import read_records, write_jsonl
 from alignloop.data.sources import format_report, load_sources
 from alignloop.dpo.masking import formatting_ids, formatting_positions
+from alignloop.hardware import resolve_precision
 from alignloop.models.averaging import average_checkpoints
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
+from alignloop.training import save_trained, tensorboard_logs, trl_config
 
 logger = logging.getLogger("alignloop.dpo")
 
@@ -44,8 +46,6 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     Raises StageError, before writing anything, when there are no pairs or the tokenizer has no
     formatting tokens to mask. `ctx.work_dir` keeps the checkpoints: a killed run resumes.
     """
-    from alignloop.sft.stage import tensorboard_logs
-
     with tensorboard_logs(ctx.log_dir):
         return _run(cfg, ctx, out_dir)
 
@@ -107,8 +107,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
     from alignloop.dpo.trainer import completion_log_probs, make_trainer
     from alignloop.kernels import fused_head
-    from alignloop.models.loading import load_tokenizer
-    from alignloop.sft.stage import merge_adapter
+    from alignloop.models.loading import load_tokenizer, save_merged
 
     start, state, section = time.time(), PartialState(), cfg.dpo
     records, report = preference_pairs(cfg, ctx)
@@ -120,7 +119,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
                          "<|im_start|>, <|im_end|>, ...) to mask; set "
                          "dpo.mask_formatting_tokens: false for another chat format")
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    args = trainer_args(cfg, "dpo", ctx.work_dir / "checkpoints", ctx.policy)
+    args = trl_config("dpo", section, seed=cfg.seed, precision=resolve_precision(cfg.precision),
+                      output_dir=ctx.work_dir / "checkpoints", model_path=ctx.policy)
     trainer = make_trainer(cfg, ctx.policy, tokenizer, pairs_dataset(records, ctx.work_dir), args)
     if len(trainer.train_dataset) == 0:
         raise StageError(f"{ctx.label}: every prompt is longer than dpo.max_length="
@@ -158,17 +158,11 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "data": report,
     }
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(out_dir / "model"))  # adapter only for LoRA; safetensors; main process
+    save_trained(trainer, tokenizer, out_dir / "model")
     if state.is_main_process:
-        # safetensors only: the trainer pickles its arguments beside the weights; keep them as JSON
-        (out_dir / "model" / "training_args.bin").unlink(missing_ok=True)
-        (out_dir / "model" / "training_args.json").write_text(args.to_json_string())
-        tokenizer.save_pretrained(out_dir / "model")
         write_jsonl(out_dir / "data.jsonl", records)
         if section.method != "full" and (section.merge or ctx.merge):
-            merge_adapter(cfg, out_dir / "model", ctx.policy, out_dir / "merged")
-            tokenizer.save_pretrained(out_dir / "merged")
+            save_merged(cfg, out_dir / "model", ctx.policy, out_dir / "merged", tokenizer)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     state.wait_for_everyone()
     return metrics

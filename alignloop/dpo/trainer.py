@@ -22,6 +22,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignloop.dpo.masking import FormattingIds, formatting_ids, loss_mask
 from alignloop.kernels import fused_head
+from alignloop.losses import chosen_nll
 from alignloop.models.loading import load_model, lora_config
 
 
@@ -59,28 +60,6 @@ class _FirstOutput:
         if self.output is None:
             self.output = out
         return out
-
-
-def chosen_nll(log_probs: torch.Tensor, completion_mask: torch.Tensor,
-               normalization: str = "sequence") -> torch.Tensor:
-    """The NLL term on the chosen responses' loss tokens.
-
-    "sequence" (Pang et al. 2024, Llama 3): each chosen response's summed -log p divided by its
-    own number of loss tokens, averaged over the pairs that have any. "token" (TRL's "sft" loss
-    type): the mean -log p over every chosen loss token of the batch. log_probs: (2B, T-1)
-    log-prob of each next token (TRL's or our fused LM head); completion_mask: (2B, T); rows are
-    [chosen; rejected].
-    """
-    shift = completion_mask[:, 1:]  # (2B, T-1): the mask of each predicted token
-    log_probs = log_probs[:, -shift.size(1):]
-    chosen, _ = log_probs.chunk(2, dim=0)  # (B, T-1)
-    keep = shift.chunk(2, dim=0)[0].bool()
-    if normalization == "token":
-        return -chosen[keep].mean()
-    lengths = keep.sum(dim=1)  # (B,)
-    sums = torch.where(keep, chosen, torch.zeros_like(chosen)).sum(dim=1)
-    has = lengths > 0
-    return -(sums[has] / lengths[has]).mean()
 
 
 class LlamaDPOTrainer(DPOTrainer):
@@ -125,7 +104,7 @@ class LlamaDPOTrainer(DPOTrainer):
 
 def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
     """The trainer for `cfg.dpo` starting from the model at `path`, on a dataset of
-    prompt/chosen/rejected conversations; `args` from `alignloop.config.trainer_args`.
+    prompt/chosen/rejected conversations; `args` from `alignloop.training.trl_config`.
 
     The reference is the starting model: for LoRA/QLoRA the adapter-disabled base (TRL's default
     with no ref_model); for a full fine-tune the precomputed log-probs of the model before

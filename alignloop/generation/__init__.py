@@ -4,7 +4,7 @@ Light on import (the recipe loader imports `alignloop.generation.config`); the b
 torch, transformers or vLLM only when used.
 """
 
-_LAZY = {"generate": "hf", "SamplingSettings": "hf", "completion_rows": "hf"}
+_LAZY = {"generate": "hf", "SamplingSettings": "hf", "completion_rows": "hf", "sample_batches": "hf"}
 
 
 def __getattr__(name):

@@ -69,10 +69,19 @@ def merged_model(path, model_class, *, base_path: str | None = None, **kwargs):
     """The adapter at `path` on its base (`base_path`, else the adapter's own record), merged;
     `kwargs` go to `model_class.from_pretrained`. A causal-LM adapter on another head (a reward
     model from an SFT adapter) is applied by the generic PeftModel to the shared body."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(str(path))
     base = model_class.from_pretrained(base_path or config.base_model_name_or_path, **kwargs)
+    return merge_into(base, path, config)
+
+
+def merge_into(base, path, config=None):
+    """The adapter at `path` applied to the loaded model `base` and merged into it (tied
+    embeddings stay tied unless the adapter changes one side: `untie_adapted_embeddings`)."""
+    from peft import PeftConfig, PeftModel
+
+    config = config or PeftConfig.from_pretrained(str(path))
     if config.task_type == "CAUSAL_LM" and not hasattr(base, "prepare_inputs_for_generation"):
         config.task_type = None
     adapted = PeftModel.from_pretrained(base, str(path), config=config)

@@ -26,7 +26,8 @@ def average_checkpoints(trainer, n: int | None) -> dict | None:
     """Replaces `trainer.model`'s trained weights by the mean of the final weights and the
     `n - 1` latest saved checkpoints before them. Returns {"averaged": [steps]} or None when off.
 
-    The stage's `save_total_limit` must keep at least n - 1 checkpoints (trainer_args sees to it).
+    The stage's `save_total_limit` must keep at least n - 1 checkpoints (alignloop.training.trl_config
+    sees to it).
     """
     if not n:
         return None

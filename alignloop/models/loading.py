@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from alignloop.config import BUILTIN_MODEL, ModelConfig, Recipe, resolved_precision
+from alignloop.config import BUILTIN_MODEL, ModelConfig, Recipe
 from alignloop.data.templates import select_template
+from alignloop.hardware import resolve_precision
 from alignloop.kernels import ATTENTION
 from alignloop.kernels import register as register_attention
 from alignloop.models.gguf import convert as convert_gguf
-from alignloop.models.adapters import is_adapter, merged_model
+from alignloop.models.adapters import is_adapter, merge_into, merged_model
 from alignloop.models.gguf import is_gguf
 
 logger = logging.getLogger("alignloop.models")
@@ -82,6 +83,18 @@ def torch_dtype(model: ModelConfig, precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def weights_dtype(cfg: Recipe) -> torch.dtype:
+    """torch_dtype of the recipe: its model.dtype, else by its resolved precision."""
+    from alignloop.hardware import resolve_precision
+
+    return torch_dtype(cfg.model, resolve_precision(cfg.precision))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", as open_generator takes it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=None,
                model_class=None, **kwargs):
     """A model for training or generation, by default a causal LM.
@@ -96,7 +109,7 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
     model_class = model_class or AutoModelForCausalLM
     if cfg.model.attn_implementation == ATTENTION:
         register_attention()  # transformers must know the name before from_pretrained
-    precision = resolved_precision(cfg)
+    precision = resolve_precision(cfg.precision)
     dtype = torch_dtype(cfg.model, precision)
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
               "revision": cfg.model.revision, **kwargs}
@@ -111,6 +124,20 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
     logger.info("loaded %s (%s, %.1fM parameters%s)", path, dtype, model.num_parameters() / 1e6,
                 ", quantized" if quantize else "")
     return model
+
+
+def save_merged(cfg: Recipe, adapter_dir: Path, base_path: str, out: Path, tokenizer) -> None:
+    """A trained LoRA adapter merged into an unquantized copy of its base, saved (safetensors)
+    with `tokenizer` into `out`.
+
+    For QLoRA the base is reloaded in the compute dtype rather than merged into 4-bit weights,
+    which would round the merged weights back to 4 bits. Tied input/output embeddings (Llama 3.2
+    1B/3B, the tiny Llama) stay tied unless the adapter changes one of them.
+    """
+    merged = merge_into(load_model(cfg, base_path, quantize=False), adapter_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    logger.info("merged adapter into %s", out)
 
 
 def bnb_config(quantization, compute_dtype: torch.dtype):

@@ -37,6 +37,7 @@ COLUMNS = {
     "rs_all_failed": ("rejection_sampling", "RS prompts all failed"),
     "rs_pairs": ("rejection_sampling", "RS pairs kept"),
     "synthetic_kept": ("synth_data", "synthetic examples kept"),
+    "adapter_loss": ("adapter", "vision adapter last loss"),
     "sft_loss": ("sft", "SFT last loss"),
     "dpo_loss": ("dpo", "DPO last loss"),
 }
@@ -64,8 +65,8 @@ def rows(run_dir: Path) -> list[dict]:
         if label in inside:  # a stage's policy inside a round: the round's stages are on its row
             out.append(row)
             continue
-        metrics = {name.split("/")[1]: rec.get("metrics", {}) for name, rec in stages.items()
-                   if name.startswith(f"{label}/")}
+        metrics = {name.split("/")[1].removeprefix("vision_"): rec.get("metrics", {})
+                   for name, rec in stages.items() if name.startswith(f"{label}/")}
         row["rm_accuracy"] = metrics.get("reward", {}).get("accuracy")
         row["rs_best_score"] = metrics.get("rejection_sampling", {}).get("mean_best_score")
         rs = metrics.get("rejection_sampling", {})
@@ -73,6 +74,7 @@ def rows(run_dir: Path) -> list[dict]:
         row["rs_all_failed"] = rs.get("skipped", {}).get("all_failed")
         row["rs_pairs"] = rs.get("pairs")
         row["synthetic_kept"] = metrics.get("synth_data", {}).get("kept")
+        row["adapter_loss"] = metrics.get("adapter", {}).get("last_loss")
         row["sft_loss"] = metrics.get("sft", {}).get("last_loss")
         row["dpo_loss"] = metrics.get("dpo", {}).get("last_loss")
         out.append(row)
@@ -99,9 +101,10 @@ def write_report(cfg: Recipe, run_dir: Path) -> Path:
     judges = {label: {k: point[k] for k in ("judge", "judge_accuracy", "agreement") if k in point}
               for label, point in safety.items() if point.get("judge")}
     shown = _columns(table)
-    lines = [f"# alignloop run: {run_dir}", "",
-             f"Recipe: {cfg.source}; {cfg.rounds} round(s) of {', '.join(cfg.stages)}"
-             + ("; round 0: initial SFT" if cfg.initial_sft else ""), ""]
+    lines = [f"# alignloop run: {run_dir}", "", f"Recipe: {cfg.source}; " + (
+        f"vision stages {', '.join(cfg.vision.stages)}" if cfg.vision is not None else
+        f"{cfg.rounds} round(s) of {', '.join(cfg.stages)}"
+        + ("; round 0: initial SFT" if cfg.initial_sft else "")), ""]
     if shown:
         lines += ["| | " + " | ".join(_header(c) for c in shown) + " |",
                   "|---|" + "---|" * len(shown)]
@@ -258,8 +261,10 @@ def _header(column: str) -> str:
     for prefix, name in (("vr_", "violation rate"), ("frr_", "false-refusal rate")):
         if column.startswith(prefix):
             return f"{name} ({column[len(prefix):]})"
-    return {"judge": "safety judge", "on_topic": "on-topic rate",
-            "helpful_rate": "helpful rate"}.get(column, column)
+    if column.startswith("accuracy_"):
+        return f"accuracy ({column[len('accuracy_'):]})"
+    return {"judge": "safety judge", "on_topic": "on-topic rate", "helpful_rate": "helpful rate",
+            "text_only_unchanged": "text-only answers unchanged"}.get(column, column)
 
 
 def _changes_table(changes: list[dict]) -> list[str]:

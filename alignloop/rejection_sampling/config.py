@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from alignloop.data.source_config import SourceConfig
-from alignloop.options import ScoringConfig, Strict
+from alignloop.options import ScoringConfig, Strict, raise_problems
 
 
 class RejectionSamplingConfig(Strict):
@@ -45,15 +45,36 @@ class RejectionSamplingConfig(Strict):
     keep_truncated: bool = False
 
     @model_validator(mode="after")
-    def _temperatures(self) -> "RejectionSamplingConfig":
-        if any(t < 0 for t in self.temperatures):
-            raise ValueError("temperatures must be >= 0 (0 is greedy decoding)")
-        sizes = group_sizes(self.num_samples, len(self.temperatures) * len(self.system_prompts))
-        greedy = [n for g, n in enumerate(sizes) if self.temperatures[g % len(self.temperatures)] == 0]
-        if any(n > 1 for n in greedy):
-            raise ValueError("temperature 0 (greedy) gives the same answer every time, but its "
-                             f"group would get {max(greedy)} samples; use temperatures > 0")
+    def _rules(self) -> "RejectionSamplingConfig":
+        raise_problems(self.problems())
         return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for each rule the section breaks: enough samples per prompt for the
+        pairs and for every (system prompt, temperature) group, no repeated greedy samples, and
+        something that scores them."""
+        problems, temperatures = [], self.temperatures
+        groups = len(temperatures) * len(self.system_prompts)
+        if any(t < 0 for t in temperatures):
+            problems.append(("temperatures", "must be >= 0 (0 is greedy decoding)"))
+        if self.pairs and self.num_samples < 2:
+            problems.append(("num_samples", f"building best/worst pairs needs at least 2 samples "
+                                            f"per prompt (got {self.num_samples}); raise it or set "
+                                            "pairs: false"))
+        if self.num_samples < groups:
+            problems.append(("num_samples", f"{self.num_samples} samples cannot cover "
+                                            f"{len(temperatures)} temperature(s) x "
+                                            f"{len(self.system_prompts)} system prompt(s)"))
+        sizes = group_sizes(self.num_samples, groups)
+        greedy = [n for g, n in enumerate(sizes) if temperatures[g % len(temperatures)] == 0]
+        if any(n > 1 for n in greedy):
+            problems.append(("temperatures", "temperature 0 (greedy) gives the same answer every "
+                                             f"time, but its group would get {max(greedy)} samples; "
+                                             "use temperatures > 0"))
+        if self.scoring.reward_model == 0 and not self.scoring.verifiers:
+            problems.append(("scoring", "nothing scores the samples: give the reward model a weight "
+                                        "or name a verifier"))
+        return problems
 
 
 def group_sizes(num_samples: int, groups: int) -> list[int]:

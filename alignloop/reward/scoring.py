@@ -55,6 +55,25 @@ class RewardScorer:
             model.config.pad_token_id = tokenizer.pad_token_id
         return scorer
 
+    @classmethod
+    def for_policy(cls, model_dir: str | Path, policy: str, dtype: torch.dtype, where: str) -> "RewardScorer":
+        """The reward model in `model_dir`, checked to share the policy's vocabulary (the policy's
+        answers are what it scores). StageError naming `where` when either cannot be loaded or
+        the vocabularies differ: before any sampling, so a broken checkpoint fails in seconds."""
+        from transformers import AutoTokenizer
+
+        try:
+            policy_tokenizer = AutoTokenizer.from_pretrained(policy)
+        except (OSError, ValueError) as err:
+            raise StageError(f"{where}: cannot load the policy's tokenizer from {policy}: {err}") from err
+        try:
+            scorer = cls(model_dir, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise StageError(f"{where}: cannot load the reward model {model_dir} (a reward stage's "
+                             f"model/ directory: sequence classification, one score): {err}") from err
+        scorer.check_tokenizer(policy_tokenizer, where=f"{where} (policy {policy})")
+        return scorer
+
     def check_tokenizer(self, tokenizer, where: str = "reward model") -> None:
         """Raises StageError unless `tokenizer` has the reward model's vocabulary."""
         check_same_vocabulary(self.tokenizer, tokenizer, where, f"the reward model in {self.model_dir}")

@@ -24,17 +24,19 @@ import math
 import time
 from pathlib import Path
 
-from alignloop.config import Recipe, trainer_args
+from alignloop.config import Recipe
 from alignloop.data.contracts import ranking_to_pairs
 from alignloop.data.readers import write_jsonl
 from alignloop.data.source_config import SourceConfig
 from alignloop.data.sources import format_report, load_sources
+from alignloop.hardware import resolve_precision
 from alignloop.models.averaging import average_checkpoints
 from alignloop.models.loading import load_model, load_tokenizer, lora_config
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
 from alignloop.reward.scoring import (RewardScorer, check_same_vocabulary, pairwise_accuracy,
                                       seqcls_from_causal)
+from alignloop.training import save_trained, tensorboard_logs, trl_config
 
 logger = logging.getLogger("alignloop.reward")
 
@@ -45,8 +47,6 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     Raises StageError, before writing anything, for a missing `reward.init` checkpoint, a
     tokenizer other than the policy's, no pairs to train on, or a record without its margin.
     """
-    from alignloop.sft.stage import tensorboard_logs
-
     with tensorboard_logs(ctx.log_dir):  # logs outside work_dir, which goes when the stage completes
         return _run(cfg, ctx, out_dir)
 
@@ -60,7 +60,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     init = _init_path(cfg, ctx)
     tokenizer = _tokenizer(cfg, ctx, init)
     train, held_out, report = load_pairs(cfg, ctx)
-    args = trainer_args(cfg, "reward", ctx.work_dir / "checkpoints", init)
+    args = trl_config("reward", cfg.reward, seed=cfg.seed, precision=resolve_precision(cfg.precision),
+                      output_dir=ctx.work_dir / "checkpoints", model_path=init)
 
     set_seed(args.seed)  # the new score head is drawn at load time
     model = _load_model(cfg, ctx, init, tokenizer)
@@ -94,7 +95,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "train_seconds": round(time.time() - start, 1),
         "data": report,
     }
-    _save(trainer, tokenizer, args, out_dir, state)
+    # no merged/: the reward model is only read through RewardScorer, which merges an adapter on load
+    save_trained(trainer, tokenizer, out_dir / "model")
     if state.is_main_process:
         write_jsonl(out_dir / "data.jsonl", [pair for i, pair in enumerate(train) if i in kept])
         write_jsonl(out_dir / "eval.jsonl", held_out)
@@ -169,19 +171,6 @@ def _load_model(cfg: Recipe, ctx: StageContext, init: str, tokenizer):
     # the classifier reads each row's last non-pad token, so it must know the pad id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _save(trainer, tokenizer, args, out_dir: Path, state) -> None:
-    """model/: safetensors (the adapter and its score head for LoRA) + tokenizer. No merged/: the
-    reward model is only read through RewardScorer, which merges an adapter on load."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(out_dir / "model"))
-    if not state.is_main_process:
-        return
-    # safetensors only: the trainer pickles its arguments beside the weights; keep them as JSON
-    (out_dir / "model" / "training_args.bin").unlink(missing_ok=True)
-    (out_dir / "model" / "training_args.json").write_text(args.to_json_string())
-    tokenizer.save_pretrained(out_dir / "model")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ class SFTStageConfig(TrainerSection):
     merge: bool = False  # also save the LoRA-merged model (HF format, safetensors)
     data: list[SourceConfig] = Field(default_factory=list)
     eval_data: list[SourceConfig] = Field(default_factory=list)
+    # Tokens per example (an SFTConfig option, declared here: the split rule below reads it).
+    # None: no limit.
+    max_length: int | None = Field(default=1024, gt=0)
     # An example whose loss mask is empty after truncation: stop with an error, or skip and count it.
     empty_mask: Literal["error", "skip"] = "error"
     # Examples longer than max_length: "truncate" keeps the first max_length tokens; "split" cuts
@@ -36,3 +39,11 @@ class SFTStageConfig(TrainerSection):
     # Which rounds' rejection-sampled best answers and synthetic examples join `data`.
     rejection_sampled: Literal["all", "newest"] = "all"
     synthetic: Literal["all", "newest"] = "all"
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = super().problems()
+        if self.long_examples == "split" and self.max_length is not None \
+                and self.split_overlap >= self.max_length:
+            problems.append(("split_overlap", f"must be smaller than max_length ({self.max_length}); "
+                                              "windows advance by max_length - split_overlap"))
+        return problems

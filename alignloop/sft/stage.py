@@ -12,25 +12,24 @@ in full / LoRA / QLoRA form, resume from the last checkpoint, and the artifacts:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
 
-from alignloop.config import Recipe, trainer_args
+from alignloop.config import Recipe
 from alignloop.data.masks import build_sft_dataset
 from alignloop.data.readers import read_records, write_jsonl
 from alignloop.data.splitting import split_dataset
 from alignloop.data.sources import format_report, load_sources
+from alignloop.hardware import resolve_precision
 from alignloop.kernels import fused_head
 from alignloop.models.averaging import average_checkpoints
-from alignloop.models.adapters import untie_adapted_embeddings
-from alignloop.models.loading import load_model, load_tokenizer, lora_config
+from alignloop.models.loading import load_model, load_tokenizer, lora_config, save_merged
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
+from alignloop.training import save_trained, tensorboard_logs, trl_config
 
 logger = logging.getLogger("alignloop.sft")
 
@@ -45,19 +44,6 @@ def run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     """
     with tensorboard_logs(ctx.log_dir):
         return _run(cfg, ctx, out_dir)
-
-
-@contextlib.contextmanager
-def tensorboard_logs(log_dir: Path):
-    """Points transformers' TensorBoard callback at `log_dir` (kept after the stage completes)."""
-    if "TENSORBOARD_LOGGING_DIR" in os.environ:  # set by the user: theirs wins
-        yield
-        return
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
-    try:
-        yield
-    finally:
-        del os.environ["TENSORBOARD_LOGGING_DIR"]
 
 
 def training_records(cfg: Recipe, ctx: StageContext) -> tuple[list[dict], list[dict]]:
@@ -105,7 +91,8 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     state = PartialState()
     path = ctx.base if cfg.sft.start == "base" else ctx.policy
     tokenizer = load_tokenizer(cfg.model, path)
-    args = trainer_args(cfg, "sft", ctx.work_dir / "checkpoints", path)
+    args = trl_config("sft", cfg.sft, seed=cfg.seed, precision=resolve_precision(cfg.precision),
+                      output_dir=ctx.work_dir / "checkpoints", model_path=path)
 
     records, report = training_records(cfg, ctx)
     logger.info("sft data:\n%s", format_report(report))
@@ -132,8 +119,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
     averaged = average_checkpoints(trainer, cfg.sft.average_checkpoints)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(out_dir / "model"))  # adapter only for LoRA; safetensors; main process
+    save_trained(trainer, tokenizer, out_dir / "model")
     metrics = {
         "method": method,
         "base_model": path,
@@ -155,14 +141,9 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     if eval_set is not None:
         metrics["eval"] = trainer.evaluate()
     if state.is_main_process:
-        # safetensors only: the trainer pickles its arguments beside the weights; keep them as JSON
-        (out_dir / "model" / "training_args.bin").unlink(missing_ok=True)
-        (out_dir / "model" / "training_args.json").write_text(args.to_json_string())
-        tokenizer.save_pretrained(out_dir / "model")
         write_jsonl(out_dir / "data.jsonl", records)
         if method != "full" and (cfg.sft.merge or ctx.merge):
-            merge_adapter(cfg, out_dir / "model", path, out_dir / "merged")
-            tokenizer.save_pretrained(out_dir / "merged")
+            save_merged(cfg, out_dir / "model", path, out_dir / "merged", tokenizer)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     state.wait_for_everyone()
     return metrics
@@ -190,21 +171,3 @@ def packing_report(packed) -> dict:
     documents = sum(len(lengths) for lengths in packed["seq_lengths"])
     labels = sum(sum(token != -100 for token in row) for row in packed["labels"])
     return {"sequences": len(packed), "documents": documents, "label_tokens": labels}
-
-
-def merge_adapter(cfg: Recipe, adapter_dir: Path, base_path: str, out: Path) -> None:
-    """Merges a LoRA adapter into an unquantized copy of its base and saves it (safetensors).
-
-    For QLoRA the base is reloaded in the compute dtype rather than merged into 4-bit weights,
-    which would round the merged weights back to 4 bits. Tied input/output embeddings (Llama 3.2
-    1B/3B, the tiny Llama) stay tied unless the adapter changes one of them (see
-    `untie_adapted_embeddings`).
-    """
-    from peft import PeftModel
-
-    base = load_model(cfg, base_path, quantize=False)
-    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
-    untie_adapted_embeddings(adapted)
-    merged = adapted.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    logger.info("merged adapter into %s", out)

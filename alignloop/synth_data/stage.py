@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from alignloop.config import Recipe, resolved_precision
+from alignloop.config import Recipe
 from alignloop.data.readers import write_jsonl
 from alignloop.generation.backends import SamplingSettings, open_generator
 from alignloop.manifest import write_json
@@ -172,12 +172,11 @@ def dropped_row(d: Drop, category: str) -> dict:
 def _generate(cfg: Recipe, ctx: StageContext, requests: list[list[dict]],
               settings: SamplingSettings) -> tuple[list[list], dict]:
     """The generator's samples per request, and what produced them (backend, model, sampling)."""
-    from alignloop.models.loading import torch_dtype
+    from alignloop.models.loading import dtype_name, weights_dtype
 
     section = cfg.synth_data
     model_dir = ctx.policy if section.generator == "policy" else section.generator
-    dtype = str(torch_dtype(cfg.model, resolved_precision(cfg))).removeprefix("torch.")
-    with open_generator(cfg.generation, model_dir, dtype=dtype) as gen:
+    with open_generator(cfg.generation, model_dir, dtype=dtype_name(weights_dtype(cfg))) as gen:
         outputs = gen.generate(requests, settings)
         generator = {**gen.describe(), "sampling": asdict(settings)}
     if len(outputs) != len(requests):
@@ -187,21 +186,18 @@ def _generate(cfg: Recipe, ctx: StageContext, requests: list[list[dict]],
 
 
 def _reward_scorer(cfg: Recipe, ctx: StageContext):
-    """The round's reward model as a RewardScorer (on the CPU until the generator is done), or
-    None when `scoring.reward_model` has no weight. StageError when there is none, or it fails."""
+    """The round's reward model as a RewardScorer (on the CPU until the generator is done), its
+    tokenizer checked against the policy's, or None when `scoring.reward_model` has no weight.
+    StageError when there is none, or it fails."""
     if cfg.synth_data.scoring.reward_model == 0:
         return None
     if ctx.reward_model is None:
         raise StageError(f"{ctx.label}: synth_data.scoring.reward_model has a weight but this round "
                          "has no reward model (add a reward stage, or set the weight to 0)")
-    from alignloop.models.loading import torch_dtype
+    from alignloop.models.loading import weights_dtype
     from alignloop.reward.scoring import RewardScorer
 
-    try:
-        return RewardScorer(ctx.reward_model, dtype=torch_dtype(cfg.model, resolved_precision(cfg)))
-    except (OSError, ValueError) as err:
-        raise StageError(f"{ctx.label}: cannot load the reward model {ctx.reward_model} (a reward "
-                         f"stage's model/ directory: sequence classification, one score): {err}") from err
+    return RewardScorer.for_policy(ctx.reward_model, ctx.policy, weights_dtype(cfg), ctx.label)
 
 
 def _check_verifiers(section: SynthDataConfig, ctx: StageContext) -> None:

@@ -6,13 +6,12 @@ classes live in `alignloop.vision.model`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from alignloop.data.source_config import SourceConfig
-from alignloop.options import LoraOptions, Strict, TrainerSection
+from alignloop.options import LoraOptions, Strict, TrainerSection, raise_problems
 from alignloop.rejection_sampling.config import RejectionSamplingConfig
 
 # MllamaVisionConfig fields of the encoders we can build fresh. "llama3.2" is the released
@@ -136,6 +135,12 @@ class VisionTrainSection(TrainerSection):
     lora: LoraOptions | None = None
     max_length: int = Field(default=512, gt=0)
 
+    def problems(self) -> list[tuple[str, str]]:
+        problems = super().problems()
+        if "score" in self.train and not isinstance(self, VisionRewardSection):
+            problems.append(("train", "only the reward stage has a score head"))
+        return problems
+
 
 class VisionDPOSection(VisionTrainSection):
     """Vision DPO (Llama 3 §7.5): the sigmoid DPO loss plus `nll_weight` x NLL on the chosen
@@ -144,6 +149,8 @@ class VisionDPOSection(VisionTrainSection):
     kind: Literal["vision_preference"] = "vision_preference"  # type: ignore[assignment]
     beta: float = Field(default=0.1, gt=0)
     nll_weight: float = Field(default=0.2, ge=0)
+    # as dpo.nll_normalization: per sequence (Pang et al. 2024, Llama 3) or per token (TRL)
+    nll_normalization: Literal["sequence", "token"] = "sequence"
 
 
 class VisionRewardSection(VisionTrainSection):
@@ -179,6 +186,12 @@ class VisionRejectionSamplingSection(RejectionSamplingConfig):
     batch_size: int = Field(default=16, gt=0)  # prompts per generate call (each gives its group's n)
     max_length: int = Field(default=512, gt=0)  # prompt tokens, as the training stages' max_length
 
+    def problems(self) -> list[tuple[str, str]]:
+        problems = super().problems()  # samples per prompt and scoring: the text section's rules
+        if self.system_prompts != [None]:
+            problems.append(("system_prompts", "not supported for vision prompts yet; leave it out"))
+        return problems
+
 
 class VisionEvaluation(Strict):
     """Held-out answer accuracy (greedy answers checked by `task`, a verifier of
@@ -191,6 +204,10 @@ class VisionEvaluation(Strict):
     batch_size: int = Field(default=64, gt=0)
     text_prompts: list[str] = Field(default_factory=lambda: [
         "What is 12 plus 30?", "Name a colour.", "Write one short sentence about the sea."])
+    before: bool = True  # also evaluate the starting model (base_eval/; the text check needs it)
+    # also evaluate the model after each training stage but the last (round_1/eval_<stage>/), so
+    # that the report has each later stage's own contribution as a paired difference
+    stage_ablation: bool = False
 
 
 class VisionConfig(Strict):
@@ -218,40 +235,31 @@ class VisionConfig(Strict):
     evaluation: VisionEvaluation | None = None
 
     @model_validator(mode="after")
-    def _order(self) -> "VisionConfig":
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError("a vision stage is listed twice")
-        if "rejection_sampling" not in self.stages:
-            order = [s for s in TRAINING_STAGES if s in self.stages]
-            if self.stages != order:
-                raise ValueError(f"vision stages run in the order {', '.join(TRAINING_STAGES)}; "
-                                 f"write them as [{', '.join(order)}]")
-            return self
-        at = {stage: i for i, stage in enumerate(self.stages)}
-        wrong = [(a, b) for a, b in _RS_ORDER if a in at and b in at and at[a] > at[b]]
-        if "adapter" in at and at["adapter"] != 0:
-            wrong.insert(0, ("adapter", self.stages[0]))
-        if "sft" in at and "reward" in at and at["reward"] < at["sft"] < at["rejection_sampling"]:
-            wrong.append(("rejection_sampling", "sft"))
-        if wrong:
-            raise ValueError(
-                f"vision stages with rejection_sampling: {wrong[0][0]} must run before {wrong[0][1]} "
-                "(adapter first; reward before rejection_sampling; rejection_sampling before dpo; "
-                "sft either before reward or after rejection_sampling), e.g. "
-                "[adapter, sft, reward, rejection_sampling, dpo] or "
-                "[adapter, reward, rejection_sampling, sft, dpo]")
-        return self
-
-    @model_validator(mode="after")
     def _llama3v_trains_the_projector(self) -> "VisionConfig":
         """Llama 3-V has no cross-attention layers or image rows: its stages train the projector
-        unless their `train` says otherwise (checked by check_vision)."""
+        unless their `train` says otherwise (checked by `problems`)."""
         if self.architecture == "llama3v":
             for stage in LLAMA3V_STAGES:
                 section = getattr(self, stage)
                 if "train" not in section.model_fields_set:
                     section.train = ["projector"]
         return self
+
+    @model_validator(mode="after")
+    def _rules(self) -> "VisionConfig":
+        raise_problems(self.problems())
+        return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for each rule the section breaks: the order of its stages, and what
+        `start` and `architecture` rule out. What a stage needs from the others (data, prompts, a
+        reward model) is alignloop.recipe_checks'."""
+        order = _order_problem(self.stages)
+        problems = [("stages", order)] if order else []
+        if self.start == "mllama" and "adapter_config" in self.model_fields_set:
+            problems.append(("adapter_config", "a fresh adapter is only built with start: new; an "
+                                               "Mllama checkpoint brings its own"))
+        return problems + _architecture_problems(self)
 
     def after_rejection_sampling(self, stage: str) -> bool:
         """Whether `stage` runs after rejection sampling (and so trains on its samples)."""
@@ -260,182 +268,74 @@ class VisionConfig(Strict):
             stages.index(stage) > stages.index("rejection_sampling")
 
 
-# ---------------------------------------------------------------------------------------------
-# Trainer options: pass-through to transformers' TrainingArguments (as text stages do to TRL's)
-
-# Keys alignloop sets itself for vision stages.
-_MANAGED = {"output_dir": "set the top-level output_dir",
-            "remove_unused_columns": "vision batches are built by alignloop's collator"}
-
-
-def training_arguments(cfg, section: VisionTrainSection, output_dir):
-    """TrainingArguments: our defaults (CPU-safe, as the text stages'), then the section's options."""
-    from transformers import TrainingArguments
-
-    from alignloop.hardware import cuda_available, resolve_precision
-
-    precision = resolve_precision(cfg.precision)
-    options: dict[str, Any] = {
-        "seed": cfg.seed, "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
-        "save_total_limit": 2, "report_to": "none", "bf16": precision == "bf16",
-        "fp16": precision == "fp16", "use_cpu": not cuda_available(), "dataloader_num_workers": 0,
-        "disable_tqdm": False,
-    }
-    options.update(section.trainer_options)
-    options["output_dir"] = str(output_dir)
-    options["remove_unused_columns"] = False  # batches carry pixel_values etc.
-    return TrainingArguments(**options)
+def _order_problem(stages: list[str]) -> str | None:
+    if len(set(stages)) != len(stages):
+        return "a vision stage is listed twice"
+    if "rejection_sampling" not in stages:
+        order = [s for s in TRAINING_STAGES if s in stages]
+        if stages != order:
+            return (f"vision stages run in the order {', '.join(TRAINING_STAGES)}; "
+                    f"write them as [{', '.join(order)}]")
+        return None
+    at = {stage: i for i, stage in enumerate(stages)}
+    wrong = [(a, b) for a, b in _RS_ORDER if a in at and b in at and at[a] > at[b]]
+    if "adapter" in at and at["adapter"] != 0:
+        wrong.insert(0, ("adapter", stages[0]))
+    if "sft" in at and "reward" in at and at["reward"] < at["sft"] < at["rejection_sampling"]:
+        wrong.append(("rejection_sampling", "sft"))
+    if not wrong:
+        return None
+    return (f"vision stages with rejection_sampling: {wrong[0][0]} must run before {wrong[0][1]} "
+            "(adapter first; reward before rejection_sampling; rejection_sampling before dpo; "
+            "sft either before reward or after rejection_sampling), e.g. "
+            "[adapter, sft, reward, rejection_sampling, dpo] or "
+            "[adapter, reward, rejection_sampling, sft, dpo]")
 
 
-def check_vision(cfg, where) -> list[str]:
-    """Problems with the `vision` section, as `file:line: key: message` lines."""
-    import dataclasses
-    import difflib
-    import tempfile
-    from pathlib import Path
-
-    from transformers import TrainingArguments
-
-    from alignloop.options import check_type
-
-    vision, problems = cfg.vision, []
-    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
-    for stage in TRAINING_STAGES:  # every section, run or not: a typo is a typo
-        section = getattr(vision, stage)
-        key = f"vision.{stage}"
-        fed = (stage == "sft" and vision.after_rejection_sampling("sft")) or \
-            (stage == "dpo" and vision.after_rejection_sampling("dpo") and vision.rejection_sampling.pairs)
-        if stage in vision.stages and not section.data and not fed:
-            problems.append(where(f"{key}.data", f"the vision {stage} stage needs at least one data source"))
-        for option, value in section.trainer_options.items():
-            if option in _MANAGED:
-                problems.append(where(f"{key}.{option}", f"not settable here: {_MANAGED[option]}"))
-            elif option not in fields:
-                hint = difflib.get_close_matches(option, [*fields, *type(section).model_fields], n=1)
-                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-                problems.append(where(f"{key}.{option}", f"unknown key{did_you_mean}; not an alignloop "
-                                                         "key nor a TrainingArguments field"))
-            else:
-                problem = check_type(fields[option].type, value)
-                if problem:
-                    problems.append(where(f"{key}.{option}", problem))
-    problems += _check_architecture(vision, where)
-    if vision.start == "mllama" and "adapter_config" in vision.model_fields_set:
-        problems.append(where("vision.adapter_config", "a fresh adapter is only built with start: new; "
-                                                       "an Mllama checkpoint brings its own"))
-    problems += _check_rejection_sampling(vision, where)
-    for stage in [s for s in vision.stages if s in TRAINING_STAGES]:
-        if "score" in getattr(vision, stage).train and stage != "reward":
-            problems.append(where(f"vision.{stage}.train", "only the reward stage has a score head"))
-    if vision.evaluation is not None and not vision.evaluation.data:
-        problems.append(where("vision.evaluation.data", "answer accuracy needs prompts with answers"))
-    if vision.evaluation is not None:
-        from alignloop.reward.verifiers import resolve_verifier
-
-        try:
-            resolve_verifier(vision.evaluation.task)
-        except ValueError as err:
-            problems.append(where("vision.evaluation.task", str(err)))
-    rm = vision.reward.text_reward_model
-    if rm is not None and rm.startswith(("/", "./", "../", "~")) and not Path(rm).expanduser().exists():
-        problems.append(where("vision.reward.text_reward_model", f"no such directory: {rm}"))
-    if not problems:
-        for stage in [s for s in vision.stages if s in TRAINING_STAGES]:
-            try:
-                scratch = Path(tempfile.gettempdir()) / "alignloop-validate"
-                training_arguments(cfg, getattr(vision, stage), scratch)
-            except Exception as err:  # transformers' own validation: its message is the useful part
-                problems.append(where(f"vision.{stage}", f"TrainingArguments rejected these options: {err}"))
-    return problems
-
-
-def _check_rejection_sampling(vision: VisionConfig, where) -> list[str]:
-    """What vision rejection sampling needs: prompts, K >= 2 for pairs, something to score with,
-    a stage that uses its samples; and what it does not support yet (system prompts)."""
-    rs, key, problems = vision.rejection_sampling, "vision.rejection_sampling", []
-    if "rejection_sampling" not in vision.stages:
-        return problems
-    if not rs.prompts:
-        problems.append(where(f"{key}.prompts", "rejection sampling needs vision_prompt records "
-                                                "(an image and a question; an `answer` feeds verifiers)"))
-    if rs.pairs and rs.num_samples < 2:
-        problems.append(where(f"{key}.num_samples", f"building best/worst pairs needs at least 2 "
-                                                    f"samples per prompt (got {rs.num_samples}); "
-                                                    "raise it or set pairs: false"))
-    if rs.num_samples < len(rs.temperatures):
-        problems.append(where(f"{key}.num_samples", f"{rs.num_samples} samples cannot cover "
-                                                    f"{len(rs.temperatures)} temperature(s)"))
-    if rs.system_prompts != [None]:
-        problems.append(where(f"{key}.system_prompts", "not supported for vision prompts yet; "
-                                                       "leave it out"))
-    has_reward = "reward" in vision.stages or rs.reward_model is not None
-    if rs.scoring.reward_model > 0 and not has_reward:
-        problems.append(where(f"{key}.scoring.reward_model",
-                              f"weight {rs.scoring.reward_model:g} but no vision reward model: list "
-                              "reward before rejection_sampling in vision.stages, set "
-                              f"{key}.reward_model to a vision_reward stage's model/ directory, "
-                              "or set the weight to 0"))
-    if rs.scoring.reward_model == 0 and not rs.scoring.verifiers:
-        problems.append(where(f"{key}.scoring", "nothing scores the samples: give the reward model "
-                                                "a weight or name a verifier (e.g. shapes: 1.0)"))
-    if vision.after_rejection_sampling("sft") and vision.sft.kind != "vision_chat":
-        problems.append(where("vision.sft.kind", "an sft after rejection_sampling trains on its "
-                                                 "vision_chat samples; set kind: vision_chat"))
-    rm = rs.reward_model
-    if rm is not None and not Path(rm).expanduser().is_dir():
-        problems.append(where(f"{key}.reward_model", f"no such directory: {rm}"))
-    return problems
-
-
-def _check_architecture(vision: VisionConfig, where) -> list[str]:
-    """What `architecture: llama3v` rules out, and llama3v options without it."""
+def _architecture_problems(vision: VisionConfig) -> list[tuple[str, str]]:
+    """What `architecture: llama3v` rules out, and llama3v options without it (whether a
+    checkpoint named as its encoder exists is alignloop.recipe_checks')."""
     import math
-    from pathlib import Path
 
     # compared with the defaults, not by whether the key is present: a resolved recipe.yaml
     # (dump_recipe) writes every section out
     if vision.architecture != "llama3v":
         if vision.llama3v != Llama3VOptions():
-            return [where("vision.llama3v", "options of the Llama 3-V variant; set vision.architecture: "
-                                            "llama3v, or remove them")]
+            return [("llama3v", "options of the Llama 3-V variant; set vision.architecture: llama3v, "
+                                "or remove them")]
         return []
     problems, options = [], vision.llama3v
     if vision.start == "mllama":
-        problems.append(where("vision.start", "'mllama' reads an HF Mllama (cross-attention) checkpoint; "
-                                              "Mllama conversion is not supported for architecture "
-                                              "llama3v: use start: new"))
+        problems.append(("start", "'mllama' reads an HF Mllama (cross-attention) checkpoint; Mllama "
+                                  "conversion is not supported for architecture llama3v: use start: new"))
     if vision.adapter_config != AdapterConfig():
-        problems.append(where("vision.adapter_config", "cross-attention options; architecture llama3v "
-                                                       "takes vision.llama3v"))
+        problems.append(("adapter_config", "cross-attention options; architecture llama3v takes "
+                                           "vision.llama3v"))
     if vision.tile_size is not None:
-        problems.append(where("vision.tile_size", "Mllama tiles; llama3v images are resized to the "
-                                                  "encoder's image_size (vision.llama3v.encoder_options)"))
+        problems.append(("tile_size", "Mllama tiles; llama3v images are resized to the encoder's "
+                                      "image_size (vision.llama3v.encoder_options)"))
     other = [stage for stage in vision.stages if stage not in LLAMA3V_STAGES]
     if other:
-        problems.append(where("vision.stages", f"architecture llama3v runs the adapter and sft stages, "
-                                               f"not {', '.join(other)} (not supported yet)"))
+        problems.append(("stages", f"architecture llama3v runs the adapter and sft stages, not "
+                                   f"{', '.join(other)} (not supported yet)"))
     for stage in (s for s in vision.stages if s in LLAMA3V_STAGES):
         train = getattr(vision, stage).train
         foreign = [part for part in train if part not in LLAMA3V_PARTS]
         if foreign:
-            problems.append(where(f"vision.{stage}.train", f"{', '.join(foreign)}: not a part of a llama3v "
-                                                           "model (it has projector and encoder)"))
+            problems.append((f"{stage}.train", f"{', '.join(foreign)}: not a part of a llama3v model "
+                                               "(it has projector and encoder)"))
         elif "encoder" in train and options.cache_features:
-            problems.append(where(f"vision.{stage}.train", "the encoder cannot train on cached features "
-                                                           "(they belong to a frozen encoder); set "
-                                                           "vision.llama3v.cache_features: false"))
-    if options.encoder != "tiny":
-        if options.encoder_options:
-            problems.append(where("vision.llama3v.encoder_options", "overrides of the tiny encoder; "
-                                                                    "a checkpoint brings its own config"))
-        if options.encoder.startswith(("/", "./", "../", "~")) and \
-                not Path(options.encoder).expanduser().exists():
-            problems.append(where("vision.llama3v.encoder", f"no such directory: {options.encoder}"))
+            problems.append((f"{stage}.train", "the encoder cannot train on cached features (they "
+                                               "belong to a frozen encoder); set "
+                                               "vision.llama3v.cache_features: false"))
+    if options.encoder != "tiny" and options.encoder_options:
+        problems.append(("llama3v.encoder_options", "overrides of the tiny encoder; a checkpoint "
+                                                    "brings its own config"))
     tokens, patches = options.image_tokens, options.tiny_patches()
     if tokens is not None and (math.isqrt(tokens) ** 2 != tokens or (patches and tokens > patches)):
         limit = f" of at most the encoder's {patches} patches" if patches else ""
-        problems.append(where("vision.llama3v.image_tokens", f"{tokens}: must be a square number{limit} "
-                                                             "(the patch grid is average-pooled)"))
+        problems.append(("llama3v.image_tokens", f"{tokens}: must be a square number{limit} "
+                                                 "(the patch grid is average-pooled)"))
     return problems
 
 
