@@ -122,3 +122,11 @@ def test_the_trainer_arguments_module_does_not_import_the_recipe_loader():
             seen.add(module)
             todo += sorted(graph.get(module, ()))
     assert "alignloop.config" not in seen
+
+
+def test_no_module_over_450_lines_but_the_triton_attention_kernels():
+    """Files a newcomer can read (issue 13): the Triton flash-attention kernels, one file of jit
+    kernels, launcher and autograd function (docs/kernels.md), are the exception."""
+    long = {str(path.relative_to(ROOT)): n for path in ROOT.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 450}
+    assert set(long) <= {"kernels/flash_attention.py"}, long
