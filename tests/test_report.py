@@ -277,4 +277,22 @@ def test_report_in_round_points(tmp_path, recipe):
     changes = {(c["point"], c["against"]): c["accuracy"]["difference"] for c in report["changes"]}
     assert changes == pytest.approx({("round_1.sft", "round_0"): 0.3, ("round_1", "round_0"): 0.2,
                                      ("round_1", "round_1.sft"): -0.1})
-    assert "| round_1.sft | 0.500 |" in (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "| round_1.sft | 0.500 |" in text
+    # 10 prompts, one lost, none gained: the interval of -0.1 reaches 0
+    assert "- round_1: what the stages after sft added on their own: no change distinguishable from 0" in text
+
+
+def test_report_says_when_the_last_stage_moved_something(tmp_path, recipe):
+    """round_1 loses all 10 prompts round_1.sft answered: the in-round reading names the change
+    (-1.000: every resample loses them all, so the interval is [-1, -1] and excludes 0)."""
+    run_dir = tmp_path / "run"
+    for label, correct in {"round_0": [0] * 10, "round_1.sft": [1] * 10, "round_1": [0] * 10}.items():
+        point, _, stage = label.partition(".")
+        out = run_dir / point / (f"eval_{stage}" if stage else "eval")
+        out.mkdir(parents=True)
+        (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _task_rows(correct)))
+        (out / "metrics.json").write_text(json.dumps({"summary": {"accuracy": sum(correct) / 10}}))
+    write_report(recipe, run_dir)
+    assert ("- round_1: what the stages after sft added on their own: accuracy -1.000 (95% interval "
+            "excludes 0).") in (run_dir / "report.md").read_text()

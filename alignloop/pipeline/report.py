@@ -119,7 +119,7 @@ def write_report(cfg: Recipe, run_dir: Path) -> Path:
                       "", "Error bars: 95% Wilson interval of each point's accuracy, VR and FRR."]
     else:
         lines.append("No metrics yet.")
-    lines += _changes_table(changes)
+    lines += _changes_table(changes) + _stage_readings(changes)
     write_atomic(run_dir / "report.json", json.dumps(
         {"run": str(run_dir), "rows": table, "intervals": intervals, "changes": changes,
          "notes": notes, "judges": judges}, indent=2, default=str))
@@ -282,6 +282,26 @@ def _changes_table(changes: list[dict]) -> list[str]:
                       f"of the prompts (seed {first['seed']}); gained: 0 -> 1 (for VR a new "
                       f"violation, for FRR a new refusal), lost: 1 -> 0."]
     return lines
+
+
+def _stage_readings(changes: list[dict]) -> list[str]:
+    """One sentence per in-round comparison (round_k vs round_k.<stage>, evaluation.stage_ablation):
+    what the stages after <stage> added, and whether any of it is distinguishable from zero."""
+    lines = []
+    for change in (c for c in changes if c["against"].startswith(f"{c['point']}.")):
+        stage = change["against"].partition(".")[2]
+        measured = {m: change[m] for m in CHANGED if change[m]}
+        if not measured:
+            continue
+        moved = [f"{NAMES[m]} {c['difference']:+.3f}" for m, c in measured.items()
+                 if c["low"] > 0 or c["high"] < 0]
+        verdict = (f"{', '.join(moved)} (95% interval excludes 0)" if moved else
+                   "no change distinguishable from 0 at 95% (" +
+                   ", ".join(f"{NAMES[m]} [{c['low']:+.3f}, {c['high']:+.3f}]" for m, c in measured.items())
+                   + ")")
+        lines.append(f"- {change['point']}: what the stages after {stage} added on their own: {verdict}.")
+    return (["", "What each round's last stages add on their own (evaluation.stage_ablation):", ""] + lines
+            if lines else [])
 
 
 def _fmt_change(change: dict | None) -> str:
