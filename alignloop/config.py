@@ -25,9 +25,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from alignloop.data.source_config import OnError, SourceConfig
+from alignloop.distill.config import DistillConfig
 from alignloop.dpo.config import DPOStageConfig
 from alignloop.generation.config import GenerationConfig
 from alignloop.options import Strict, raise_problems
+from alignloop.prune.config import PruneConfig
 from alignloop.recipe_checks import check_recipe
 from alignloop.recipe_source import RecipeError, Where, apply_overrides, parse_yaml, schema_problems
 from alignloop.rejection_sampling.config import RejectionSamplingConfig
@@ -40,11 +42,14 @@ from alignloop.vision.config import VisionConfig, vision_sources
 
 # A round's stages, in the order they may appear (reference A1): the reward model first, then
 # sampling from the policy, synthetic data, SFT on what was selected, DPO on the newest pairs.
-STAGES = ("reward", "rejection_sampling", "synth_data", "sft", "dpo")
+STAGES = ("prune", "distill", "reward", "rejection_sampling", "synth_data", "sft", "dpo")
+# Stages that make the model the rounds start from: listed in `stages`, they run once, in round
+# 0, before the initial SFT (prune -> distill -> SFT -> the loop), never in later rounds.
+PREPARATION = ("prune", "distill")
 BUILTIN_MODEL = "builtin:tiny"
 PACKAGE_PREFIX = "package:"  # model paths as package:<python_package>/<file> (package_file)
 GGUF_KEYS = ("model.path", "model.tokenizer")  # keys that take a .gguf file (alignloop.models.gguf)
-StageName = Literal["reward", "rejection_sampling", "synth_data", "sft", "dpo"]
+StageName = Literal["prune", "distill", "reward", "rejection_sampling", "synth_data", "sft", "dpo"]
 
 
 class SFTOverrides(SFTStageConfig):
@@ -126,6 +131,8 @@ class Recipe(Strict):
     # keys that replace the sft section's for round 0 only (its own data, epochs, ...).
     initial_sft: bool | SFTOverrides = False
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
@@ -197,7 +204,8 @@ class Recipe(Strict):
                  "rejection_sampling.prompts": self.rejection_sampling.prompts,
                  "synth_data.documents": self.synth_data.documents,
                  "synth_data.prompts": self.synth_data.prompts,
-                 "dpo.data": self.dpo.data}
+                 "dpo.data": self.dpo.data, "prune.data": self.prune.data,
+                 "distill.data": self.distill.data}
         if isinstance(self.initial_sft, SFTStageConfig):
             lists["initial_sft.data"] = self.initial_sft.data
             lists["initial_sft.eval_data"] = self.initial_sft.eval_data
@@ -313,6 +321,8 @@ def _model_paths(cfg: Recipe) -> dict[str, tuple[Any, str]]:
         paths["synth_data.generator"] = (cfg.synth_data, "generator")
     if cfg.safety is not None and cfg.safety.llama_guard is not None:
         paths["safety.llama_guard"] = (cfg.safety, "llama_guard")
+    for i, teacher in enumerate(cfg.distill.teachers):
+        paths[f"distill.teachers.{i}.path"] = (teacher, "path")
     return paths
 
 

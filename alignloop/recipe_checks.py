@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from alignloop import hardware
-from alignloop.training import (TRAINING_STAGES, VISION, arguments_class, check_trainer_options,
-                                training_arguments, trl_config)
+from alignloop.training import (DISTILL, PLAIN_STAGES, TRAINING_STAGES, VISION, arguments_class,
+                                check_trainer_options, training_arguments, trl_config)
 from alignloop.vision.config import TRAINING_STAGES as VISION_TRAINING_STAGES
 
 _LOCAL = ("/", "./", "../", "~")  # a value that names a local path rather than a hub id
@@ -38,7 +38,7 @@ def check_recipe(cfg, where, *, trainer: bool = True) -> list[str]:
 
 
 def _trained(cfg) -> list[str]:
-    return [s for s in TRAINING_STAGES if s in cfg.all_stages]
+    return [s for s in (DISTILL, *TRAINING_STAGES) if s in cfg.all_stages]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +71,28 @@ def _loop(cfg, where) -> list[str]:
             and not (cfg.safety and cfg.safety.dpo_ratio > 0 and cfg.safety.data):
         problems.append(where("dpo.data", "the dpo stage needs preference pairs: dpo.data, or "
                                           "rejection_sampling with pairs in the same round"))
-    return problems + _safety_and_evaluation(cfg, where)
+    if "distill" in stages and not cfg.distill.data:
+        problems.append(where("distill.data", "the distill stage needs text or chat records for the "
+                                              "student to learn the teachers' logits on"))
+    return problems + _prune(cfg, where) + _safety_and_evaluation(cfg, where)
+
+
+def _prune(cfg, where) -> list[str]:
+    """What the prune stage needs when `stages` lists it: calibration records for activation
+    importance, and a target. (The target's own rules are PruneTarget's; those that need the
+    model's config are checked when the stage starts.)"""
+    if "prune" not in cfg.stages:
+        return []
+    section, problems = cfg.prune, []
+    if section.importance == "activation" and not section.data:
+        problems.append(where("prune.data", "importance 'activation' needs calibration records; "
+                                            "add a data source or set prune.importance: magnitude "
+                                            "or random"))
+    if not section.target.given() and section.target.params is None and section.tie_embeddings is None:
+        problems.append(where("prune.target", "nothing to prune: give a shape (num_hidden_layers, "
+                                              "hidden_size, num_attention_heads, head_dim, "
+                                              "intermediate_size) or a parameter budget (params)"))
+    return problems
 
 
 def _sampling(rs, key: str, records: str, has_reward: bool, reward: tuple[str, str], where) -> list[str]:
@@ -263,7 +284,7 @@ def _generation(cfg, where) -> list[str]:
 
 def _trainer_sections(cfg) -> list[tuple[str, str, object]]:
     """(key, stage, section) of every section with trainer options, run or not: a typo is a typo."""
-    sections = [(stage, stage, getattr(cfg, stage)) for stage in TRAINING_STAGES]
+    sections = [(stage, stage, getattr(cfg, stage)) for stage in (DISTILL, *TRAINING_STAGES)]
     if not isinstance(cfg.initial_sft, bool):
         sections.append(("initial_sft", "sft", cfg.initial_sft))
     if cfg.vision is not None:
@@ -290,7 +311,7 @@ def _construct(cfg, where) -> list[str]:
     problems = []
     for key, stage, section in runs:
         try:
-            if stage == VISION:
+            if stage in PLAIN_STAGES:
                 training_arguments(section, seed=cfg.seed, precision=precision, output_dir=scratch)
             else:
                 trl_config(stage, section, seed=cfg.seed, precision=precision, output_dir=scratch)

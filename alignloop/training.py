@@ -1,7 +1,7 @@
 """What the training stages share: their trainer arguments, built on one set of defaults (TRL's
-configs for sft, reward and dpo; transformers' TrainingArguments for the vision stages), the
-check of the options a recipe passes through to them, the TensorBoard log directory and the
-saved model directory.
+configs for sft, reward and dpo; transformers' TrainingArguments for the vision stages and
+distill), the check of the options a recipe passes through to them, the TensorBoard log
+directory and the saved model directory.
 
 The builders take what they use (a section, the seed, the resolved precision, an output
 directory, the checkpoint), not the whole recipe; this module does not import alignloop.config,
@@ -22,6 +22,8 @@ from alignloop.options import check_type
 
 TRAINING_STAGES = ("reward", "sft", "dpo")  # the text stages on a TRL trainer
 VISION = "vision"  # the arguments of the vision stages: transformers' TrainingArguments
+DISTILL = "distill"  # the distill stage: transformers' Trainer and TrainingArguments too
+PLAIN_STAGES = (VISION, DISTILL)  # stages whose arguments are TrainingArguments (training_arguments)
 
 # Keys alignloop sets itself; a recipe sets them through our own keys instead.
 _OUR_LOSS = "the loss is always on assistant tokens only (our masks)"
@@ -30,12 +32,14 @@ MANAGED = {
     "text": {**_MANAGED, "assistant_only_loss": _OUR_LOSS, "completion_only_loss": _OUR_LOSS,
              "dataset_text_field": "data comes through sft.data as chat records"},
     VISION: {**_MANAGED, "remove_unused_columns": "vision batches are built by alignloop's collator"},
+    DISTILL: {**_MANAGED, "remove_unused_columns": "distillation batches are built by alignloop's "
+                                                   "collator (they carry the teacher-cache index)"},
 }
 
 
 def arguments_class(stage: str):
-    """SFTConfig, RewardConfig or DPOConfig for a text stage; TrainingArguments for VISION."""
-    if stage == VISION:
+    """SFTConfig, RewardConfig or DPOConfig for a text stage; TrainingArguments for PLAIN_STAGES."""
+    if stage in PLAIN_STAGES:
         from transformers import TrainingArguments
 
         return TrainingArguments
@@ -52,9 +56,10 @@ def argument_fields(stage: str) -> dict[str, dataclasses.Field]:
 def check_trainer_options(section, stage: str) -> list[tuple[str, str]]:
     """(option, problem) for each pass-through option of `section` (a TrainerSection) that
     alignloop sets itself, that is no field of the stage's arguments class (with the nearest of
-    its fields and ours), or whose value has the wrong type. `stage`: sft, reward, dpo or VISION."""
+    its fields and ours), or whose value has the wrong type. `stage`: sft, reward, dpo, VISION or
+    DISTILL."""
     fields, cls = argument_fields(stage), arguments_class(stage)
-    managed = MANAGED[VISION if stage == VISION else "text"]
+    managed = MANAGED[stage if stage in PLAIN_STAGES else "text"]
     problems = []
     for key, value in section.trainer_options.items():
         if key in managed:
@@ -110,9 +115,10 @@ def trl_config(stage: str, section, *, seed: int, precision: str, output_dir: Pa
 
 
 def training_arguments(section, *, seed: int, precision: str, output_dir: Path):
-    """A vision stage's TrainingArguments: the text stages' defaults, then the section's options."""
+    """TrainingArguments of a stage on transformers' Trainer (the vision stages, distill): the
+    text stages' defaults, then the section's options."""
     options = {**_defaults(seed, precision), **section.trainer_options, "output_dir": str(output_dir),
-               "remove_unused_columns": False}  # batches carry pixel_values etc.
+               "remove_unused_columns": False}  # batches carry pixel_values, cache indices etc.
     return arguments_class(VISION)(**options)
 
 

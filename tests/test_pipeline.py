@@ -215,3 +215,27 @@ def test_stage_ablation_evaluates_sft_before_dpo(tmp_path, alignloop_cache):
     stamp = (out / "round_1" / "eval_sft" / "metrics.json").stat().st_mtime_ns
     run(spec)
     assert (out / "round_1" / "eval_sft" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_prune_and_distill_run_once_in_round_0_before_the_initial_sft(tmp_path, alignloop_cache):
+    """`stages: [prune, distill, rejection_sampling, sft]` with initial_sft: round 0 is prune ->
+    distill -> SFT, each starting from the model the one before it wrote; rounds 1-2 sample from
+    the policy and fine-tune, and never prune or distill again. The teacher stays the recipe's
+    model (ctx.base)."""
+    spec = loop_recipe(tmp_path)
+    spec["stages"] = ["prune", "distill", "rejection_sampling", "sft"]
+    spec["prune"] = {"importance": "random", "target": {"num_hidden_layers": 2}}
+    spec["distill"] = {"data": [{"builtin": "arithmetic", "count": 8}]}
+    cfg = load_recipe(spec, check_trainer=False)
+    steps, rounds = plan(cfg, Path(cfg.output_dir))
+    ctx = {s.ctx.label: s.ctx for s in steps}
+    run = tmp_path / "run"
+    assert list(ctx) == ["round_0/prune", "round_0/distill", "round_0/sft",
+                         "round_1/rejection_sampling", "round_1/sft",
+                         "round_2/rejection_sampling", "round_2/sft"]
+    assert ctx["round_0/distill"].policy == str(run / "round_0/prune/model")
+    assert ctx["round_0/sft"].policy == str(run / "round_0/distill/model")
+    assert ctx["round_0/distill"].base == ctx["round_0/prune"].policy  # the unpruned teacher
+    assert rounds[0]["stage_policies"][:2] == [("prune", str(run / "round_0/prune/model"), steps[0].key),
+                                                ("distill", str(run / "round_0/distill/model"), steps[1].key)]
+    assert ctx["round_1/rejection_sampling"].policy == rounds[0]["policy"]

@@ -14,6 +14,13 @@ VERIFIED = "scoring: {reward_model: 0, verifiers: {arithmetic: 1.0}}"
 VISION_VERIFIED = "scoring: {reward_model: 0, verifiers: {shapes: 1.0}}"
 
 CASES = {
+    "prune needs calibration data": ("stages: [prune]\nprune:\n  data: []  # <-\n"
+                                     "  target: {num_hidden_layers: 2}\n", "prune.data",
+                                     "importance 'activation' needs calibration records"),
+    "prune needs a target": (f"stages: [prune]\nprune:  # <-\n  data: {ARITHMETIC}\n",
+                             "prune.target", "nothing to prune"),
+    "distill needs data": ("stages: [distill]\ndistill:\n  data: []  # <-\n",
+                           "distill.data", "the distill stage needs text or chat records"),
     "sft needs data": ("stages: [sft]\nsft:\n  data: []  # <-\n",
                        "sft.data", "the sft stage needs at least one data source"),
     "round 0 needs data": (f"stages: [sft]\nsft: {{data: {ARITHMETIC}}}\ninitial_sft:\n  data: []  # <-\n",

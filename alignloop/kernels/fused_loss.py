@@ -63,11 +63,12 @@ def reference_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 
 
 def chunk_tokens(vocab: int, tokens: int, budget_bytes: int | None = None,
-                 device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk so that the chunk's fp32 logits and scratch fit `budget_bytes`."""
+                 device: torch.device | str = "cpu", rows_per_token: int = _ROWS_PER_TOKEN) -> int:
+    """Tokens per chunk so that the chunk's `rows_per_token` fp32 tiles of `vocab` floats (here
+    the logits and scratch) fit `budget_bytes`."""
     if budget_bytes is None:
         budget_bytes = GPU_BUDGET_BYTES if torch.device(device).type == "cuda" else CPU_BUDGET_BYTES
-    return max(1, min(tokens, budget_bytes // (vocab * 4 * _ROWS_PER_TOKEN)))
+    return max(1, min(tokens, budget_bytes // (vocab * 4 * rows_per_token)))
 
 
 class ChunkOps:

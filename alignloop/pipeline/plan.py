@@ -1,6 +1,7 @@
 """The run laid out before anything runs: every stage of every round, its context and its key.
 
-A text recipe runs `rounds` rounds of `stages` (round 0: `initial_sft`); a vision recipe runs
+A text recipe runs `rounds` rounds of `stages` (round 0: `prune` and `distill` when listed, then
+`initial_sft`); a vision recipe runs
 `vision.stages` as round 1, each as `vision_<stage>` (docs/architecture.md). Both go through the
 same wiring: a stage's role says what it hands on (a policy, a reward model, samples, pairs,
 synthetic data) and what it reads from the stages before it. A stage's key hashes its recipe
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignloop._version import __version__
-from alignloop.config import Recipe
+from alignloop.config import PREPARATION, Recipe
 from alignloop.manifest import content_hash, fingerprint
 from alignloop.pipeline.context import StageContext
 
 STAGE_FUNCTIONS = {
+    "prune": "alignloop.prune.stage:run",
+    "distill": "alignloop.distill.stage:run",
     "reward": "alignloop.reward.stage:run",
     "rejection_sampling": "alignloop.rejection_sampling.stage:run",
     "synth_data": "alignloop.synth_data.stage:run",
@@ -37,7 +40,7 @@ STAGE_FUNCTIONS = {
 # label, policy, reward, previous) -> metrics`, for text recipes and for vision recipes.
 EVALUATORS = {"text": "alignloop.evaluation.rounds:evaluate_round",
               "vision": "alignloop.vision.rounds:evaluate_round"}
-POLICY_ROLES = ("adapter", "sft", "dpo")  # stages whose model becomes the policy
+POLICY_ROLES = ("prune", "distill", "adapter", "sft", "dpo")  # stages whose model becomes the policy
 
 
 @dataclass
@@ -64,8 +67,9 @@ def schedule(cfg: Recipe) -> list[tuple[int, list[str]]]:
     """(round, its stages in order) for the whole run."""
     if cfg.vision is not None:
         return [(1, [f"vision_{stage}" for stage in cfg.vision.stages])]
-    return ([(0, ["sft"])] if cfg.initial_sft else []) + \
-        [(k, list(cfg.stages)) for k in range(1, cfg.rounds + 1)]
+    first = [s for s in cfg.stages if s in PREPARATION] + (["sft"] if cfg.initial_sft else [])
+    rounds = [s for s in cfg.stages if s not in PREPARATION]
+    return ([(0, first)] if first else []) + ([(k, rounds) for k in range(1, cfg.rounds + 1)] if rounds else [])
 
 
 def evaluation(cfg: Recipe):
@@ -140,9 +144,9 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
 def model_dir(cfg: Recipe, ctx: StageContext, stage_dir: Path) -> Path:
     """Where a training stage's model will be: merged/ for a LoRA stage that merges (`merge`, or
     because a later stage starts from it), else model/ (a full model, or the adapter). Vision
-    stages merge LoRA into model/ themselves."""
+    stages merge LoRA into model/ themselves; prune writes a whole model."""
     part = section(cfg, ctx.name)
-    merges = not ctx.name.startswith("vision_") and part.method != "full" and (part.merge or ctx.merge)
+    merges = ctx.name in ("sft", "dpo", "distill") and part.method != "full" and (part.merge or ctx.merge)
     return stage_dir / ("merged" if merges else "model")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from alignloop.models.vocabulary import vocabulary_difference
 from alignloop.pipeline.errors import StageError
 
 Response = str | list[dict]  # response text, or a list of assistant messages
@@ -133,15 +134,9 @@ def check_same_vocabulary(reward_tokenizer, policy_tokenizer, where: str, what: 
     (the RM starts from the base or the policy); a different vocabulary means a wrong checkpoint.
     """
     rm_vocab, policy_vocab = reward_tokenizer.get_vocab(), policy_tokenizer.get_vocab()
-    if rm_vocab == policy_vocab:
+    examples = vocabulary_difference(rm_vocab, policy_vocab, "the reward model's", "the policy's")
+    if examples is None:
         return
-    only_rm = sorted(set(rm_vocab) - set(policy_vocab))[:3]
-    only_policy = sorted(set(policy_vocab) - set(rm_vocab))[:3]
-    moved = sorted(t for t in set(rm_vocab) & set(policy_vocab) if rm_vocab[t] != policy_vocab[t])[:3]
-    examples = "; ".join(text for text in (
-        f"only in the reward model's: {only_rm}" if only_rm else "",
-        f"only in the policy's: {only_policy}" if only_policy else "",
-        f"different ids for {moved}" if moved else "") if text)
     raise StageError(f"{where}: {what} has another tokenizer ({len(rm_vocab)} tokens) than the policy "
                      f"({len(policy_vocab)} tokens; {examples}); train the reward model from the same "
                      "base, or point to one that shares the policy's tokenizer")
