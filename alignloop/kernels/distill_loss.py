@@ -221,7 +221,9 @@ class _LinearDistill(torch.autograd.Function):
 
     Returns (loss (), terms (teachers + 1,) = [T^2 D_j summed..., CE summed], no gradient).
     The hidden-state and weight gradients are formed in the forward (when asked for) and scaled
-    by the upstream gradient in the backward."""
+    by the upstream gradient in the backward, in place: a second (V, H) weight gradient would
+    double the memory the fusion saves, so the graph can be backpropagated once (as Liger's
+    fused linear cross-entropy does)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, spec: _Spec, want_grad: bool):
@@ -263,8 +265,10 @@ class _LinearDistill(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         if grad_loss is None:
             return None, None, None, None, None
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None, None
+        for grad in (grad_h, grad_w):
+            if grad is not None and not bool(grad_loss == 1):
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grad_h, grad_w, None, None, None
 
 
 def linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
