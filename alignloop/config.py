@@ -28,7 +28,7 @@ from alignloop.data.source_config import OnError, SourceConfig
 from alignloop.distill.config import DistillConfig
 from alignloop.dpo.config import DPOStageConfig
 from alignloop.generation.config import GenerationConfig
-from alignloop.options import Strict, raise_problems
+from alignloop.options import MoeOptions, Strict, raise_problems
 from alignloop.prune.config import PruneConfig
 from alignloop.recipe_checks import check_recipe
 from alignloop.recipe_source import RecipeError, Where, apply_overrides, parse_yaml, schema_problems
@@ -75,7 +75,13 @@ class ModelConfig(Strict):
     # (docs/kernels.md; alias alignloop_flash), registered with transformers when a model loads.
     attn_implementation: str = "sdpa"
     revision: str | None = None
-    tiny: dict[str, Any] = Field(default_factory=dict)  # LlamaConfig overrides for builtin:tiny
+    # Mixture-of-Experts checkpoints: transformers' experts implementation for the base model
+    # (eager, batched_mm, grouped_mm; None: transformers' default, grouped_mm). LoRA on the
+    # experts computes with lora.experts_kernel whatever this says (docs/moe.md).
+    experts_implementation: str | None = None
+    # builtin:tiny overrides: LlamaConfig fields, or `architecture` (mixtral, qwen3_moe, olmoe,
+    # llama4_text: a tiny MoE, docs/moe.md) and that config's fields
+    tiny: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +146,8 @@ class Recipe(Strict):
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     safety: SafetyConfig | None = None
     evaluation: EvaluationConfig | None = None
+    # Mixture-of-Experts checkpoints: the router's aux loss and load telemetry (docs/moe.md)
+    moe: MoeOptions = Field(default_factory=MoeOptions)
     # A vision recipe (docs/vision.md): a cross-attention vision model trained by vision.stages;
     # the text loop's `stages` do not run then.
     vision: VisionConfig | None = None

@@ -38,9 +38,32 @@ class Strict(BaseModel):
 class LoraOptions(Strict):
     r: int = Field(default=16, gt=0)
     alpha: float = Field(default=32, gt=0)
+    # On an MoE checkpoint with expert or router LoRA, 0 unless set (peft's target_parameters
+    # have no dropout; setting it then is an error).
     dropout: float = Field(default=0.05, ge=0, lt=1)
+    # nn.Linear names, or "all-linear" (on an MoE checkpoint: every decoder nn.Linear but the
+    # routers'). An entry that matches no module stops the stage (alignloop.models.moe).
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] | None = None
+    # Mixture-of-Experts checkpoints (docs/moe.md); no effect on dense ones.
+    experts: bool = True  # a LoRA per routed expert on gate_up_proj and down_proj
+    router: Literal["frozen", "lora", "full"] = "frozen"  # the routers: frozen, LoRA, or trained in full
+    # Who computes the routed experts' LoRA: alignloop's x.A.B per expert (no copy of the
+    # experts; alignloop.kernels.moe_lora), or peft's W + B.A. Llama 4's experts: always peft.
+    experts_kernel: Literal["alignloop", "peft"] = "alignloop"
+
+
+class MoeOptions(Strict):
+    """The `moe` section: Mixture-of-Experts training in every stage that trains (sft, reward,
+    dpo, distill), ignored for dense checkpoints (docs/moe.md)."""
+
+    # Weight of the router's load-balancing loss (Switch Transformer) added to the training loss.
+    # None: the checkpoint's router_aux_loss_coef; 0: off. A stage's TRL option
+    # router_aux_loss_coef, when set, wins for that stage.
+    aux_loss_coef: float | None = Field(default=None, ge=0)
+    # Per-expert share of the routed tokens per layer, and its coefficient of variation, logged
+    # during training and written to the stage's metrics (and the report).
+    load_telemetry: bool = True
 
 
 class QuantizationOptions(Strict):

@@ -29,7 +29,7 @@ def check_recipe(cfg, where, *, trainer: bool = True) -> list[str]:
     if cfg.vision is not None:
         problems += _vision_needs(cfg.vision, where) + _vision_files(cfg.vision, where)
         problems += _vision_generation(cfg, where)
-    problems += _attention(cfg, where) + _generation(cfg, where)
+    problems += _attention(cfg, where) + _generation(cfg, where) + _moe(cfg, where)
     if trainer:
         problems += _trainer_options(cfg, where)
         if not problems:
@@ -261,6 +261,20 @@ def _attention(cfg, where) -> list[str]:
                                   "flex_attention attends across them: use sdpa, eager or "
                                   "alignloop_triton, or turn packing off"))
     return problems
+
+
+def _moe(cfg, where) -> list[str]:
+    """`moe.aux_loss_coef` is every stage's load-balancing coefficient; a stage's TRL option
+    router_aux_loss_coef beside it would be a second, contradicting value (docs/moe.md)."""
+    if cfg.moe.aux_loss_coef is None:
+        return []
+    sections = [("sft", cfg.sft), ("dpo", cfg.dpo)]
+    if not isinstance(cfg.initial_sft, bool):
+        sections.append(("initial_sft", cfg.initial_sft))
+    return [where(f"{name}.router_aux_loss_coef", "moe.aux_loss_coef already sets the "
+                                                  "load-balancing coefficient of every stage; "
+                                                  "keep one of the two")
+            for name, section in sections if "router_aux_loss_coef" in section.trainer_options]
 
 
 def _generation(cfg, where) -> list[str]:

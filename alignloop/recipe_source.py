@@ -142,6 +142,21 @@ class Where:
         return f"{self.source}{f':{line}' if line else ''}: {key}: {message}"
 
 
+def stage_where(source: str, label: str):
+    """`where` for a problem found once a stage runs (a LoRA target that matches no module of the
+    checkpoint): `label: file:line: key: message`, the recipe file read again for its lines."""
+    from pathlib import Path
+
+    lines: dict[str, int] = {}
+    if Path(source).is_file():
+        try:
+            lines = parse_yaml(Path(source).read_text(encoding="utf-8"), source)[1]
+        except RecipeError:
+            pass
+    where = Where(source, lines)
+    return lambda key, message: f"{label}: {where(key, message)}"
+
+
 def schema_problems(err: ValidationError, root: type[BaseModel], where: Where) -> list[str]:
     """pydantic's errors for the recipe class `root` as `where` lines, one per problem."""
     problems = []

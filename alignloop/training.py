@@ -1,7 +1,8 @@
 """What the training stages share: their trainer arguments, built on one set of defaults (TRL's
 configs for sft, reward and dpo; transformers' TrainingArguments for the vision stages and
 distill), the check of the options a recipe passes through to them, the TensorBoard log
-directory and the saved model directory.
+directory, the saved model directory, and what a Mixture-of-Experts checkpoint adds (the aux
+loss coefficient, the LoRA coverage audit, the expert-LoRA kernel, load telemetry).
 
 The builders take what they use (a section, the seed, the resolved precision, an output
 directory, the checkpoint), not the whole recipe; this module does not import alignloop.config,
@@ -13,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from alignloop import hardware
 from alignloop.options import check_type
+
+logger = logging.getLogger("alignloop.training")
 
 TRAINING_STAGES = ("reward", "sft", "dpo")  # the text stages on a TRL trainer
 VISION = "vision"  # the arguments of the vision stages: transformers' TrainingArguments
@@ -187,3 +191,96 @@ def save_trained(trainer, tokenizer, model_dir: Path) -> None:
         (model_dir / "training_args.bin").unlink(missing_ok=True)
         (model_dir / "training_args.json").write_text(trainer.args.to_json_string())
         tokenizer.save_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture-of-Experts checkpoints (docs/moe.md)
+
+
+def moe_aux_coef(model, moe, args=None) -> float | None:
+    """The load-balancing loss coefficient a stage trains `model` with, None for a dense model.
+
+    The stage's own TRL option (`sft.router_aux_loss_coef`, passed through into `args`) wins, then
+    the recipe's `moe.aux_loss_coef`, then the checkpoint's `router_aux_loss_coef`; it is written
+    into `args` (SFTConfig, DPOConfig), whose trainers add coef x aux to the loss and log
+    `aux_loss`. Call before the trainer is built: it reads the coefficient in its constructor.
+    """
+    from alignloop.models.moe import moe_blocks, trl_ready
+
+    if not moe_blocks(model):
+        return None
+    trl_ready(model)
+    text = model.config.get_text_config()
+    own = getattr(args, "router_aux_loss_coef", None)
+    coef = own if own is not None else moe.aux_loss_coef
+    coef = coef if coef is not None else getattr(text, "router_aux_loss_coef", 0.0)
+    if args is not None and hasattr(args, "router_aux_loss_coef"):
+        args.router_aux_loss_coef = coef
+    return coef
+
+
+@dataclasses.dataclass
+class MoeRun:
+    """What `prepare_moe` set up for one stage; `metrics(trainer)` reports it once trained."""
+
+    coverage: list[dict] | None = None  # the LoRA audit (alignloop.models.moe.coverage)
+    moe: bool = False
+    coef: float | None = None
+    kernel: str | None = None  # who computes the routed experts' LoRA: alignloop or peft
+    load: Any = None  # alignloop.models.moe_load.RouterLoad
+
+    def metrics(self, trainer) -> dict:
+        """`lora_coverage`; for an MoE model also `moe` (architecture, coefficient, aux losses,
+        expert kernel, per-layer load) and `load_cv` (the report's column). Removes the hooks."""
+        out: dict[str, Any] = {}
+        if self.coverage is not None:
+            out["lora_coverage"] = self.coverage
+        if not self.moe:
+            return out
+        from alignloop.models.moe_load import load_report
+
+        history = trainer.state.log_history
+        load = load_report(self.load.total()) if self.load is not None else None
+        if self.load is not None:
+            self.load.close()
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        out["moe"] = {"architecture": base.config.get_text_config().model_type,
+                      "aux_loss_coef": self.coef, "experts_kernel": self.kernel,
+                      "aux_losses": [round(e["aux_loss"], 4) for e in history if "aux_loss" in e],
+                      "load_cv": [e["moe/load_cv"] for e in history if "moe/load_cv" in e],
+                      "load": load}
+        out["load_cv"] = load["mean_cv"] if load else None
+        return out
+
+
+def prepare_moe(trainer, lora, moe, *, key: str, where=None, coef: float | None = None) -> MoeRun:
+    """After the trainer is built, before it trains. With LoRA (`lora`: the stage's LoraOptions,
+    None for a full fine-tune): the coverage audit, logged, which raises LoraTargetError naming
+    `key` (e.g. `sft.lora`) when routed experts asked for got no adapter or the router got one
+    unasked. On an MoE model: routed-expert LoRA through alignloop's kernel (lora.experts_kernel;
+    Llama 4 stays on peft's), and the per-expert load telemetry (`moe.load_telemetry`)."""
+    from alignloop.models.moe import check_coverage, coverage, format_coverage, moe_blocks
+
+    model, run = trainer.model, MoeRun(coef=coef)
+    if lora is not None and hasattr(model, "peft_config"):
+        run.coverage = coverage(model)
+        logger.info("%s: LoRA coverage\n%s", key, format_coverage(run.coverage))
+        check_coverage(run.coverage, lora, key, where)
+    run.moe = bool(moe_blocks(model))
+    if not run.moe:
+        return run
+    if lora is not None and lora.experts:
+        from alignloop.kernels import moe_lora
+
+        use = lora.experts_kernel == "alignloop" and moe_lora.install(model)
+        run.kernel = "alignloop" if use else "peft"
+        if lora.experts_kernel == "alignloop" and not use:
+            logger.info("%s: this model's experts do not dispatch through transformers' experts "
+                        "interface (Llama 4): their LoRA is computed by peft", key)
+    if moe.load_telemetry:
+        from alignloop.models.moe_load import LoadCallback, RouterLoad, experts_per_token
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        run.load = RouterLoad(model, experts_per_token(base.config.get_text_config())[1])
+        trainer.callback_handler.callbacks.insert(0, LoadCallback(run.load))  # before the loggers
+    return run

@@ -30,9 +30,12 @@ from alignloop.distill.trainer import CachedTeacher, DistillTrainer, LiveTeacher
 from alignloop.hardware import resolve_precision
 from alignloop.kernels.fused_head import check_head
 from alignloop.models.loading import load_model, load_tokenizer, lora_config, save_merged
+from alignloop.options import LoraOptions
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
-from alignloop.training import save_trained, tensorboard_logs, training_arguments
+from alignloop.recipe_source import stage_where
+from alignloop.training import (moe_aux_coef, prepare_moe, save_trained, tensorboard_logs,
+                                training_arguments)
 
 logger = logging.getLogger("alignloop.distill")
 
@@ -70,19 +73,22 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     trained_teachers, cache_report = _teachers(cfg, ctx, teachers, examples.rows, tokenizer, args.device)
 
     model = load_model(cfg, ctx.policy)
+    where, coef = stage_where(cfg.source, ctx.label), moe_aux_coef(model, cfg.moe)
     problem = check_head(model)
     if problem:
         raise StageError(f"{ctx.label}: the student {ctx.policy}: {problem}")
-    if section.method == "lora":
+    lora = (section.lora or LoraOptions()) if section.method == "lora" else None
+    if lora:
         from peft import get_peft_model
 
         model.enable_input_require_grads()  # activation checkpointing with frozen embeddings
-        model = get_peft_model(model, lora_config(section.lora))
+        model = get_peft_model(model, lora_config(lora, model=model, key="distill.lora", where=where))
     settings = LossSettings(section.loss, section.beta, section.temperature, section.alpha,
                             section.top_k, section.fused_loss, section.kernel)
     trainer = DistillTrainer(model=model, args=args, train_dataset=Rows(examples.rows),
                              data_collator=Collator(tokenizer.pad_token_id), teachers=trained_teachers,
-                             loss=settings)
+                             loss=settings, aux_loss_coef=coef)
+    moe = prepare_moe(trainer, lora, cfg.moe, key="distill.lora", where=where, coef=coef)
     last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming distill from %s", last)
@@ -105,6 +111,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "examples": examples.stats,
         "cache": cache_report,
         "teacher_correction": corrections,
+        **moe.metrics(trainer),
     }
     if state.is_main_process:
         if section.method == "lora" and section.merge:

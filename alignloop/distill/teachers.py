@@ -89,19 +89,24 @@ def teacher_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def student_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   unwrapped=None) -> torch.Tensor:
+                   unwrapped=None, router_logits: list | None = None) -> torch.Tensor:
     """The student's last hidden states (B, L, H), through the (possibly wrapped) model's forward
     with no logits formed: the backbone of `unwrapped` (the model under DDP's wrapper, default
-    `model`) has its output caught by a hook."""
+    `model`) has its output caught by a hook. With a `router_logits` list, an MoE student's
+    router logits (one (tokens, E) tensor per sparse layer) are appended to it."""
     caught = []
-    catch = lambda module, args, out: caught.append(out.last_hidden_state)  # noqa: E731
+    catch = lambda module, args, out: caught.append(out)  # noqa: E731
     handle = backbone(unwrapped or model).register_forward_hook(catch)
+    extra = {"output_router_logits": True} if router_logits is not None else {}
     try:
         none = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=none, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=none, use_cache=False,
+              **extra)
     finally:
         handle.remove()
-    return caught[-1]
+    if router_logits is not None:
+        router_logits.append(caught[-1].router_logits)
+    return caught[-1].last_hidden_state
 
 
 def correct_teacher(cfg, path: str, rows: list[dict], pad_id: int, tokenizer, out: Path) -> tuple[str, dict]:

@@ -54,22 +54,25 @@ class CachedTeacher:
 class DistillTrainer(Trainer):
     """A Trainer whose loss is `sum_j w_j T^2 D_j + alpha CE` per scored token (docs/pruning.md)."""
 
-    def __init__(self, *args, teachers: list[LiveTeacher | CachedTeacher], loss: LossSettings, **kwargs):
+    def __init__(self, *args, teachers: list[LiveTeacher | CachedTeacher], loss: LossSettings,
+                 aux_loss_coef: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teachers, self.settings = teachers, loss
+        self.aux_loss_coef = aux_loss_coef  # an MoE student: coef x the router's balancing loss
         for teacher in teachers:
             if isinstance(teacher, LiveTeacher):
                 teacher.model.to(self.args.device)
         self._sums = self._zero()
 
     def _zero(self) -> dict:
-        return {"kd": torch.zeros(len(self.teachers)), "ce": 0.0, "tokens": 0}
+        return {"kd": torch.zeros(len(self.teachers)), "ce": 0.0, "tokens": 0, "aux": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         examples = inputs.pop("example", None)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         unwrapped = self.accelerator.unwrap_model(model)
-        hidden = student_hidden(model, ids, mask, unwrapped)[:, :-1]  # (B, L - 1, H)
+        routers = [] if self.aux_loss_coef else None
+        hidden = student_hidden(model, ids, mask, unwrapped, routers)[:, :-1]  # (B, L - 1, H)
         targets = labels[:, 1:]  # (B, L - 1): the token each position predicts
         weight = head_weight(unwrapped)
         terms = self._terms(hidden, weight, targets, ids, mask, examples)
@@ -79,6 +82,14 @@ class DistillTrainer(Trainer):
         loss = terms.loss / count
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients
+        if routers:  # a per-micro-batch mean, as TRL's SFT adds it (docs/moe.md)
+            from alignloop.models.moe_load import aux_loss
+
+            student = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            aux = aux_loss(routers[-1], student.config.get_text_config(), mask)
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.aux_loss_coef * aux / steps
+            self._sums["aux"].append(aux.item())
         self._sums["kd"] += terms.kd.detach().float().cpu()
         self._sums["ce"] += terms.ce.item()
         self._sums["tokens"] += int(terms.count)
@@ -116,5 +127,7 @@ class DistillTrainer(Trainer):
             if len(self.teachers) > 1:
                 logs.update({f"kd_{j}": round(float(v), 4) for j, v in enumerate(kd)})
             logs["ce"] = round(self._sums["ce"] / tokens, 4)
+            if self._sums["aux"]:
+                logs["aux_loss"] = round(sum(self._sums["aux"]) / len(self._sums["aux"]), 4)
             self._sums = self._zero()
         super().log(logs, *args, **kwargs)

@@ -30,13 +30,16 @@ from alignloop.hardware import resolve_precision
 from alignloop.models.averaging import average_checkpoints
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
-from alignloop.training import save_trained, tensorboard_logs, trl_config
+from alignloop.options import LoraOptions
+from alignloop.recipe_source import stage_where
+from alignloop.training import prepare_moe, save_trained, tensorboard_logs, trl_config
 
 logger = logging.getLogger("alignloop.dpo")
 
 # What metrics.json keeps of each of TRL's training log entries.
 LOGGED = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected", "rewards/margins",
-          "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate")
+          "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "aux_loss",
+          "moe/load_cv")
 PROBE_PAIRS = 64  # pairs whose log-probs are measured before and after training
 
 
@@ -121,7 +124,11 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     args = trl_config("dpo", section, seed=cfg.seed, precision=resolve_precision(cfg.precision),
                       output_dir=ctx.work_dir / "checkpoints", model_path=ctx.policy)
-    trainer = make_trainer(cfg, ctx.policy, tokenizer, pairs_dataset(records, ctx.work_dir), args)
+    where = stage_where(cfg.source, ctx.label)
+    trainer = make_trainer(cfg, ctx.policy, tokenizer, pairs_dataset(records, ctx.work_dir), args, where)
+    lora = (section.lora or LoraOptions()) if section.method != "full" else None
+    moe = prepare_moe(trainer, lora, cfg.moe, key="dpo.lora", where=where,
+                      coef=args.router_aux_loss_coef)
     if len(trainer.train_dataset) == 0:
         raise StageError(f"{ctx.label}: every prompt is longer than dpo.max_length="
                          f"{args.max_length}; raise it or shorten the prompts")
@@ -156,6 +163,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "averaged": averaged,
         "train_seconds": round(time.time() - start, 1),
         "data": report,
+        **moe.metrics(trainer),
     }
 
     save_trained(trainer, tokenizer, out_dir / "model")

@@ -24,6 +24,7 @@ from alignloop.dpo.masking import FormattingIds, formatting_ids, loss_mask
 from alignloop.kernels import fused_head
 from alignloop.losses import chosen_nll
 from alignloop.models.loading import load_model, lora_config
+from alignloop.training import moe_aux_coef
 
 
 @dataclass
@@ -70,7 +71,8 @@ class LlamaDPOTrainer(DPOTrainer):
     average (`chosen_nll`), computed from the same per-token log-probs, so the gradient is the
     per-sequence one. `loss/nll` (the NLL term in use, unweighted) and `loss/dpo` (the preference
     term: loss - nll_weight * nll) are logged whenever the NLL term is on, so the logged `loss`
-    is visibly `loss/dpo + nll_weight * loss/nll` (reference A5)."""
+    is visibly `loss/dpo + nll_weight * loss/nll` (reference A5), plus coef * `aux_loss` for an
+    MoE policy (TRL's load-balancing term, docs/moe.md)."""
 
     def __init__(self, *args, nll_normalization: str = "sequence", **kwargs):
         if nll_normalization not in ("sequence", "token"):
@@ -93,7 +95,10 @@ class LlamaDPOTrainer(DPOTrainer):
         if self.nll_normalization == "sequence":  # TRL added weight * the per-token term
             loss = loss + weight * (nll - chosen_nll(log_probs, mask, "token"))
         nll, total = nll.detach(), loss.detach()
-        terms = self.accelerator.gather(torch.stack([nll, total - weight * nll])).view(-1, 2)
+        preference = total - weight * nll
+        if self.aux_loss_enabled:  # an MoE policy: TRL added coef * its load-balancing loss too
+            preference = preference - self.router_aux_loss_coef * policy.output.aux_loss.detach()
+        terms = self.accelerator.gather(torch.stack([nll, preference])).view(-1, 2)
         nll_mean, dpo_mean = terms.mean(dim=0).tolist()
         mode = "train" if self.model.training else "eval"
         # TRL averages self._metrics over the logging window and adds them to the log
@@ -102,9 +107,11 @@ class LlamaDPOTrainer(DPOTrainer):
         return (loss, result[1]) if return_outputs else loss
 
 
-def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
+def make_trainer(cfg, path: str, tokenizer, train_set, args, where=None) -> LlamaDPOTrainer:
     """The trainer for `cfg.dpo` starting from the model at `path`, on a dataset of
-    prompt/chosen/rejected conversations; `args` from `alignloop.training.trl_config`.
+    prompt/chosen/rejected conversations; `args` from `alignloop.training.trl_config`. LoRA
+    targets are resolved on the model (docs/moe.md; `where` names the recipe key of a target
+    that matches nothing) and an MoE policy's aux-loss coefficient set in `args`.
 
     The reference is the starting model: for LoRA/QLoRA the adapter-disabled base (TRL's default
     with no ref_model); for a full fine-tune the precomputed log-probs of the model before
@@ -122,10 +129,13 @@ def make_trainer(cfg, path: str, tokenizer, train_set, args) -> LlamaDPOTrainer:
         pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
         truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
         formatting=formatting_ids(tokenizer) if section.mask_formatting_tokens else None)
+    peft = None
+    if section.method != "full":
+        peft = lora_config(section.lora, model=model, key="dpo.lora", where=where)
+    moe_aux_coef(model, cfg.moe, args)
     trainer = LlamaDPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=collator,
                               train_dataset=train_set, processing_class=tokenizer,
-                              nll_normalization=section.nll_normalization,
-                              peft_config=lora_config(section.lora) if section.method != "full" else None)
+                              nll_normalization=section.nll_normalization, peft_config=peft)
     if use_fused_loss(section, args, fused_head.vocab_size(model)):
         # per-token log-probs of policy and reference through our fused linear + cross-entropy;
         # TRL's sigmoid loss and the NLL term read them as before (docs/long_context.md)

@@ -116,7 +116,19 @@ def open_generator(cfg, model_dir, *, dtype: str = "float32") -> Iterator:
         stack.callback(gen.close)
         gen.start_seconds = round(time.perf_counter() - start, 2)
         logger.info("%s generator for %s ready in %.1f s", cfg.backend, model_dir, gen.start_seconds)
-        if cfg.check_logprobs:
+        if cfg.check_logprobs or must_guard(cfg.backend, model_dir):
             tolerance = cfg.logprob_tolerance or TOLERANCE[dtype]
             gen = LogprobGuard(gen, model_dir, tolerance, cfg.check_samples)
         yield gen
+
+
+def must_guard(backend: str, model_dir) -> bool:
+    """An adapter on 3D parameters (peft's target_parameters: an MoE's routed experts) served by
+    vLLM is always checked: vLLM has served such adapters as if they were absent, the base's
+    outputs without an error (vLLM PR #41384), which only the log-probs show (docs/moe.md)."""
+    ref = resolve_model(model_dir)
+    if backend == "hf" or not ref.target_parameters:
+        return False
+    logger.info("%s: an adapter on %s served by %s: the log-prob guard is on", model_dir,
+                ", ".join(ref.target_parameters), backend)
+    return True

@@ -59,6 +59,8 @@ class ModelRef:
     tokenizer: str           # where the tokenizer and chat template come from
     lora_rank: int | None = None
     modules_to_save: list[str] | None = None
+    # peft target_parameters: LoRA on 3D parameters (an MoE's routed experts, docs/moe.md)
+    target_parameters: list[str] | None = None
 
 
 def resolve_model(model_dir) -> ModelRef:
@@ -76,7 +78,8 @@ def resolve_model(model_dir) -> ModelRef:
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return ModelRef(path=str(model_dir), base=str(base), adapter=str(model_dir),
                     tokenizer=str(model_dir) if has_tokenizer else str(base),
-                    lora_rank=config.get("r"), modules_to_save=config.get("modules_to_save"))
+                    lora_rank=config.get("r"), modules_to_save=config.get("modules_to_save"),
+                    target_parameters=config.get("target_parameters"))
 
 
 def load_tokenizer(ref: ModelRef):

@@ -11,7 +11,10 @@ there. TRL's losses, the DPO NLL term, the metrics and gradient accumulation sta
 
 Works with full fine-tuning, LoRA (the LM head stays a frozen nn.Linear, so its weight gets no
 gradient and the backward skips that matmul) and activation checkpointing (the backbone is
-checkpointed as usual; the head's memory is one chunk of logits).
+checkpointed as usual; the head's memory is one chunk of logits). On a Mixture-of-Experts model
+whose trainer asks for router logits (`output_router_logits`, TRL's MoE auxiliary loss), the
+output carries the load-balancing loss as `aux_loss` and `loss` includes it times the config's
+`router_aux_loss_coef`, as TRL's own head does (docs/moe.md).
 """
 
 from __future__ import annotations
@@ -111,7 +114,11 @@ def fused_forward(model, args, kwargs, labels, shift_labels, num_items_in_batch,
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state  # (B, T, H)
+    config = model.config.get_text_config()
+    if getattr(config, "output_router_logits", False):  # an MoE whose trainer wants the aux loss
+        kwargs.setdefault("output_router_logits", True)
+    backbone = getattr(model, model.base_model_prefix)(*args, **kwargs)
+    hidden = backbone.last_hidden_state  # (B, T, H)
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]  # (B, T-1, H), (B, T-1)
     else:
@@ -128,9 +135,17 @@ def fused_forward(model, args, kwargs, labels, shift_labels, num_items_in_batch,
                            stats=True, budget_bytes=budget_bytes, backend=backend)
     mask = targets != IGNORE_INDEX
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return FusedCausalLMOutput(loss=-out.log_probs.sum() / count, log_probs=out.log_probs,
-                               entropy=out.entropy, mean_logits=out.mean_logit,
-                               is_top1=out.is_top1, label_mask=mask)
+    loss, aux = -out.log_probs.sum() / count, None
+    if kwargs.get("output_router_logits"):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        experts = getattr(config, "num_local_experts", None) or config.num_experts  # Llama 4 / others
+        aux = load_balancing_loss_func(backbone.router_logits, experts, config.num_experts_per_tok,
+                                       kwargs.get("attention_mask"))
+        loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux
+    return FusedCausalLMOutput(loss=loss, log_probs=out.log_probs, entropy=out.entropy,
+                               mean_logits=out.mean_logit, is_top1=out.is_top1, label_mask=mask,
+                               aux_loss=aux)
 
 
 @functools.cache

@@ -113,6 +113,8 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
     dtype = torch_dtype(cfg.model, precision)
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
               "revision": cfg.model.revision, **kwargs}
+    if cfg.model.experts_implementation is not None:  # MoE checkpoints only (docs/moe.md)
+        kwargs["experts_implementation"] = cfg.model.experts_implementation
     if quantize:
         kwargs["quantization_config"] = bnb_config(quantization, dtype)
         kwargs["device_map"] = _device_map()
@@ -121,6 +123,9 @@ def load_model(cfg: Recipe, path: str, *, quantize: bool = False, quantization=N
         model = merged_model(path, model_class, **kwargs)
     else:
         model = model_class.from_pretrained(path, **kwargs)
+    from alignloop.models.moe import trl_ready
+
+    trl_ready(model)  # Llama 4's backbone name and expert count as TRL reads them (docs/moe.md)
     logger.info("loaded %s (%s, %.1fM parameters%s)", path, dtype, model.num_parameters() / 1e6,
                 ", quantized" if quantize else "")
     return model
@@ -162,22 +167,34 @@ def _device_map():
     return {"": "cpu"}
 
 
-def lora_config(options=None, task_type: str = "CAUSAL_LM"):
+def lora_config(options=None, task_type: str = "CAUSAL_LM", *, model=None, key: str = "lora",
+                where=None):
     """peft LoraConfig from a stage's `lora` options (LoraOptions; None: the defaults).
 
-    Reward models (task_type "SEQ_CLS") also train and save their new score head.
+    Reward models (task_type "SEQ_CLS") also train and save their new score head. With `model`
+    the targets are resolved on it (alignloop.models.moe.lora_targets: on a Mixture-of-Experts
+    checkpoint attention + routed experts + shared experts, the router as lora.router says) and
+    a target_modules entry that matches nothing raises LoraTargetError naming `key`.<entry>
+    (`where`: alignloop.recipe_source.stage_where, to name the file and line).
     """
     from peft import LoraConfig
 
+    from alignloop.models.moe import LoraTargets, lora_targets
     from alignloop.options import LoraOptions
 
     opts = options or LoraOptions()
-    modules_to_save = opts.modules_to_save
+    targets = (lora_targets(model, opts, key, where) if model is not None else
+               LoraTargets(opts.target_modules, modules_to_save=opts.modules_to_save, dropout=opts.dropout))
+    for note in targets.notes:
+        logger.info("%s: %s", key, note)
+    modules_to_save = targets.modules_to_save
     if task_type == "SEQ_CLS" and modules_to_save is None:
         modules_to_save = ["score"]
-    return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                      target_modules=opts.target_modules, modules_to_save=modules_to_save,
-                      task_type=task_type)
+    elif task_type == "SEQ_CLS" and "score" not in modules_to_save and opts.modules_to_save is None:
+        modules_to_save = [*modules_to_save, "score"]
+    return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=targets.dropout,
+                      target_modules=targets.target_modules, modules_to_save=modules_to_save,
+                      target_parameters=targets.target_parameters or None, task_type=task_type)
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype = torch.float32):

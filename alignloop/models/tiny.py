@@ -1,7 +1,8 @@
 """The built-in tiny Llama and its tokenizer: a real Llama 3.2-shaped checkpoint, small enough for CPU.
 
 `build_tiny()` returns a directory that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`
-load like any other checkpoint. Nothing is downloaded: the tokenizer is a byte-level BPE trained
+load like any other checkpoint. `architecture=` builds the same tokenizer on a tiny
+Mixture-of-Experts instead (Mixtral, Qwen3-MoE, OLMoE or Llama 4's text model; docs/moe.md). Nothing is downloaded: the tokenizer is a byte-level BPE trained
 here on `corpus.txt`, the weights are a seeded random init. The directory is cached under a key
 over everything that goes into it (the open-instruct idea of hashing config, tokenizer, template
 and a version), and built atomically: a temporary sibling directory renamed into place, under a
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, Llama4TextConfig,
+                          MixtralConfig, OlmoeConfig, PreTrainedTokenizerFast, Qwen3MoeConfig)
 
 logger = logging.getLogger("alignloop.models")
 
@@ -72,6 +74,28 @@ DEFAULTS = dict(
 )
 
 
+# Tiny Mixture-of-Experts (`architecture=`): the shape above with 4 routed experts, 2 per token
+# (Llama 4: 1 routed + its shared expert), every layer sparse. Default RoPE: the llama3 scaling
+# is Llama's.
+_MOE_SHAPE = {key: DEFAULTS[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                             "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                                             "rms_norm_eps")}
+_MOE_SHAPE["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+ARCHITECTURES = {
+    "llama": (LlamaConfig, DEFAULTS),
+    "mixtral": (MixtralConfig, {**_MOE_SHAPE, "intermediate_size": 128, "num_local_experts": 4,
+                                "num_experts_per_tok": 2}),
+    "qwen3_moe": (Qwen3MoeConfig, {**_MOE_SHAPE, "moe_intermediate_size": 128, "intermediate_size": 384,
+                                   "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                                   "norm_topk_prob": True}),
+    "olmoe": (OlmoeConfig, {**_MOE_SHAPE, "intermediate_size": 128, "num_experts": 4,
+                            "num_experts_per_tok": 2}),
+    "llama4_text": (Llama4TextConfig, {**_MOE_SHAPE, "intermediate_size": 128, "intermediate_size_mlp": 384,
+                                       "num_local_experts": 4, "num_experts_per_tok": 1,
+                                       "interleave_moe_layer_step": 1}),
+}
+
+
 def _token_id(token: str) -> int:
     return BPE_VOCAB_SIZE + SPECIAL_TOKENS.index(token)
 
@@ -85,13 +109,18 @@ def chat_template() -> str:
     return (importlib.resources.files("alignloop.data") / "chat_templates" / "llama3.jinja").read_text()
 
 
-def tiny_config(**overrides) -> LlamaConfig:
-    """A `LlamaConfig` with the tiny defaults; `overrides` are LlamaConfig fields (unknown ones are errors)."""
-    unknown = sorted(set(overrides) - set(LlamaConfig().to_dict()))
+def tiny_config(architecture: str = "llama", **overrides):
+    """A `LlamaConfig` with the tiny defaults (or, with `architecture`, the config of a tiny MoE
+    from ARCHITECTURES); `overrides` are fields of that config class (unknown ones are errors)."""
+    if architecture not in ARCHITECTURES:
+        raise TypeError(f"tiny_config: unknown architecture {architecture!r} (known: "
+                        f"{', '.join(ARCHITECTURES)})")
+    config_class, defaults = ARCHITECTURES[architecture]
+    unknown = sorted(set(overrides) - set(config_class().to_dict()))
     if unknown:
-        raise TypeError(f"tiny_config: unknown LlamaConfig field(s) {unknown}")
-    fields = {**DEFAULTS, **overrides}
-    return LlamaConfig(
+        raise TypeError(f"tiny_config: unknown {config_class.__name__} field(s) {unknown}")
+    fields = {**defaults, **overrides}
+    return config_class(
         vocab_size=VOCAB_SIZE,
         bos_token_id=_token_id(BOS),
         eos_token_id=_token_id(EOT),
@@ -134,7 +163,7 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _cache_key(config: LlamaConfig, seed: int) -> str:
+def _cache_key(config, seed: int) -> str:
     corpus_sha = hashlib.sha256(_corpus_path().read_bytes()).hexdigest()
     blob = json.dumps({"config": config.to_dict(), "seed": seed, "corpus": corpus_sha,
                        "template": chat_template(), "builder": BUILDER_VERSION}, sort_keys=True)
@@ -147,12 +176,12 @@ def _cache_root(cache_dir) -> Path:
     return Path(os.environ.get("ALIGNLOOP_CACHE") or Path.home() / ".cache" / "alignloop")
 
 
-def _write_checkpoint(out: Path, config: LlamaConfig, seed: int) -> None:
+def _write_checkpoint(out: Path, config, seed: int) -> None:
     tokenizer = train_tokenizer()
     if len(tokenizer) != config.vocab_size:
         raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, config expects {config.vocab_size}")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=[_token_id(EOT), _token_id(END_OF_TEXT)],
@@ -166,7 +195,8 @@ def build_tiny(cache_dir=None, *, seed: int = 0, **overrides) -> Path:
     """The tiny checkpoint directory for (`seed`, `overrides`), built on first use and cached.
 
     `cache_dir` defaults to $ALIGNLOOP_CACHE, then ~/.cache/alignloop; the entry is `tiny-<key>`.
-    `overrides` are LlamaConfig fields, e.g. `num_hidden_layers=2`.
+    `overrides` are LlamaConfig fields, e.g. `num_hidden_layers=2`, or `architecture` and the
+    fields of that architecture's config (`architecture="qwen3_moe", num_experts=8`).
     """
     config = tiny_config(**overrides)
     root = _cache_root(cache_dir)
@@ -181,7 +211,7 @@ def build_tiny(cache_dir=None, *, seed: int = 0, **overrides) -> Path:
         for stale in root.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
-        logger.info("building tiny Llama %s in %s", name, root)
+        logger.info("building tiny %s %s in %s", config.model_type, name, root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _write_checkpoint(tmp, config, seed)
@@ -189,5 +219,5 @@ def build_tiny(cache_dir=None, *, seed: int = 0, **overrides) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("built tiny Llama %s in %.1f s", name, time.perf_counter() - start)
+        logger.info("built tiny %s %s in %.1f s", config.model_type, name, time.perf_counter() - start)
     return final

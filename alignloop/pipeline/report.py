@@ -40,6 +40,11 @@ COLUMNS = {
     "adapter_loss": ("adapter", "vision adapter last loss"),
     "sft_loss": ("sft", "SFT last loss"),
     "dpo_loss": ("dpo", "DPO last loss"),
+    # MoE checkpoints: the stage's expert load, coefficient of variation over the experts of a
+    # layer, averaged over layers (alignloop.models.moe_load; 0 = every expert equally loaded)
+    "rm_load_cv": ("reward", "RM expert load CV"),
+    "sft_load_cv": ("sft", "SFT expert load CV"),
+    "dpo_load_cv": ("dpo", "DPO expert load CV"),
 }
 RATES = ("accuracy", "vr", "frr", "win_rate", "rm_accuracy")  # plotted on [0, 1]
 CHANGED = ("accuracy", "vr", "frr")  # per-prompt outcomes in answers.jsonl: intervals
@@ -77,6 +82,8 @@ def rows(run_dir: Path) -> list[dict]:
         row["adapter_loss"] = metrics.get("adapter", {}).get("last_loss")
         row["sft_loss"] = metrics.get("sft", {}).get("last_loss")
         row["dpo_loss"] = metrics.get("dpo", {}).get("last_loss")
+        for stage, column in (("reward", "rm_load_cv"), ("sft", "sft_load_cv"), ("dpo", "dpo_load_cv")):
+            row[column] = metrics.get(stage, {}).get("load_cv")
         out.append(row)
     return out
 

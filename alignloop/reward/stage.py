@@ -36,7 +36,10 @@ from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
 from alignloop.reward.scoring import (RewardScorer, check_same_vocabulary, pairwise_accuracy,
                                       seqcls_from_causal)
-from alignloop.training import save_trained, tensorboard_logs, trl_config
+from alignloop.options import LoraOptions
+from alignloop.recipe_source import stage_where
+from alignloop.training import (moe_aux_coef, prepare_moe, save_trained, tensorboard_logs,
+                                trl_config)
 
 logger = logging.getLogger("alignloop.reward")
 
@@ -66,7 +69,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     set_seed(args.seed)  # the new score head is drawn at load time
     model = _load_model(cfg, ctx, init, tokenizer)
     before = pairwise_accuracy(RewardScorer.from_model(model, tokenizer, name=init), held_out)
-    trainer, result, kept, last = _train(cfg, ctx, model, tokenizer, args, train, held_out)
+    trainer, result, kept, last, moe = _train(cfg, ctx, model, tokenizer, args, train, held_out)
     averaged = average_checkpoints(trainer, cfg.reward.average_checkpoints)
     after = pairwise_accuracy(RewardScorer.from_model(trainer.model, tokenizer), held_out)
     logger.info("reward model: held-out pairwise accuracy %s -> %s on %d pairs",
@@ -94,6 +97,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
         "train_seconds": round(time.time() - start, 1),
         "data": report,
+        **moe.metrics(trainer),
     }
     # no merged/: the reward model is only read through RewardScorer, which merges an adapter on load
     save_trained(trainer, tokenizer, out_dir / "model")
@@ -107,16 +111,20 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
 
 def _train(cfg: Recipe, ctx: StageContext, model, tokenizer, args, train: list[dict],
            held_out: list[dict]):
-    """TRL's RewardTrainer on the pairs, resumed from the last checkpoint in work_dir.
-    Returns (trainer, train result, indices of the pairs TRL kept, checkpoint resumed from)."""
+    """TRL's RewardTrainer (plus an MoE model's aux loss) on the pairs, resumed from the last
+    checkpoint in work_dir. Returns (trainer, train result, indices of the pairs TRL kept,
+    checkpoint resumed from, alignloop.training.MoeRun)."""
     from alignloop.checkpoints import last_checkpoint
-    from trl import RewardTrainer
+    from alignloop.reward.trainer import MoeRewardTrainer
 
-    lora = cfg.reward.method == "lora"
-    trainer = RewardTrainer(model=model, args=args, train_dataset=_dataset(train, cfg.reward.margin_field),
-                            eval_dataset=_dataset(held_out, None) if held_out else None,
-                            processing_class=tokenizer,
-                            peft_config=lora_config(cfg.reward.lora, "SEQ_CLS") if lora else None)
+    lora = (cfg.reward.lora or LoraOptions()) if cfg.reward.method == "lora" else None
+    where = stage_where(cfg.source, ctx.label)
+    peft = lora_config(lora, "SEQ_CLS", model=model, key="reward.lora", where=where) if lora else None
+    coef = moe_aux_coef(model, cfg.moe)
+    trainer = MoeRewardTrainer(model=model, args=args, train_dataset=_dataset(train, cfg.reward.margin_field),
+                               eval_dataset=_dataset(held_out, None) if held_out else None,
+                               processing_class=tokenizer, peft_config=peft, aux_loss_coef=coef)
+    moe = prepare_moe(trainer, lora, cfg.moe, key="reward.lora", where=where, coef=coef)
     kept = set(trainer.train_dataset["pair_index"])  # TRL drops pairs longer than max_length
     if not kept:
         raise StageError(f"{ctx.label}: every training pair is longer than max_length "
@@ -124,7 +132,7 @@ def _train(cfg: Recipe, ctx: StageContext, model, tokenizer, args, train: list[d
     last = last_checkpoint(args.output_dir)
     if last:
         logger.info("resuming the reward model from %s", last)
-    return trainer, trainer.train(resume_from_checkpoint=last), kept, last
+    return trainer, trainer.train(resume_from_checkpoint=last), kept, last, moe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +176,12 @@ def _load_model(cfg: Recipe, ctx: StageContext, init: str, tokenizer):
     except OSError as err:  # no weights, or a hub id that cannot be fetched
         raise StageError(f"{ctx.label}: cannot load the reward model's starting checkpoint {init}: "
                          f"{err}") from err
+    except ValueError as err:  # no sequence-classification class (OLMoE, Llama 4 in 5.25)
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise StageError(f"{ctx.label}: reward.init: transformers has no sequence-classification "
+                         f"model for the architecture of {init} ({str(err).splitlines()[0]}); "
+                         "start the reward model from a checkpoint of another architecture") from err
     # the classifier reads each row's last non-pad token, so it must know the pad id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -29,7 +29,9 @@ from alignloop.models.averaging import average_checkpoints
 from alignloop.models.loading import load_model, load_tokenizer, lora_config, save_merged
 from alignloop.pipeline.context import StageContext
 from alignloop.pipeline.errors import StageError
-from alignloop.training import save_trained, tensorboard_logs, trl_config
+from alignloop.options import LoraOptions
+from alignloop.recipe_source import stage_where
+from alignloop.training import moe_aux_coef, prepare_moe, save_trained, tensorboard_logs, trl_config
 
 logger = logging.getLogger("alignloop.sft")
 
@@ -108,9 +110,14 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
     if args.padding_free and not args.packing:
         # the examples are truncated or split above; TRL refuses a max_length it cannot enforce
         args.max_length = None
+    # LoRA targets resolved on the model (MoE: attention + experts; docs/moe.md), audited after
+    lora = (cfg.sft.lora or LoraOptions()) if method != "full" else None
+    where = stage_where(cfg.source, ctx.label)
+    peft = lora_config(lora, model=model, key="sft.lora", where=where) if lora else None
+    coef = moe_aux_coef(model, cfg.moe, args)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer,
-                         peft_config=lora_config(cfg.sft.lora) if method != "full" else None)
+                         processing_class=tokenizer, peft_config=peft)
+    moe = prepare_moe(trainer, lora, cfg.moe, key="sft.lora", where=where, coef=coef)
     if fused:  # our fused linear + cross-entropy in place of TRL's LM head (docs/long_context.md)
         fused_head.install(trainer.model)
     last = last_checkpoint(args.output_dir)
@@ -133,6 +140,7 @@ def _run(cfg: Recipe, ctx: StageContext, out_dir: Path) -> dict:
         "averaged": averaged,
         "masks": vars(mask_stats),
         "fused_loss": fused,
+        **moe.metrics(trainer),
     }
     if split_stats is not None:
         metrics["split"] = vars(split_stats)
