@@ -99,6 +99,9 @@ CASES = {
     "llama3v encoder": (f"vision:\n  architecture: llama3v\n  llama3v:\n    encoder: ./missing-siglip  # <-\n"
                         f"  stages: [adapter]\n  adapter: {{data: {SHAPES}}}\n",
                         "vision.llama3v.encoder", "no such directory: ./missing-siglip"),
+    "moe coefficient twice": (f"stages: [sft]\nmoe: {{aux_loss_coef: 0.01}}\nsft:\n  data: {ARITHMETIC}\n"
+                              "  router_aux_loss_coef: 0.02  # <-\n", "sft.router_aux_loss_coef",
+                              "moe.aux_loss_coef already sets the load-balancing coefficient"),
 }
 # These build the trainers' arguments (imports TRL): one recipe load each.
 TRAINER_CASES = {

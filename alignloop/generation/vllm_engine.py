@@ -55,6 +55,8 @@ def engine_args(cfg, ref, dtype: str, *, cpu: bool) -> dict:
             raise GeneratorError(f"{ref.adapter}: LoRA rank {ref.lora_rank} is above vLLM's "
                                  f"largest ({LORA_RANKS[-1]}); merge the adapter into its base")
         args.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        if ref.target_parameters:  # peft's 3D expert LoRA (docs/moe.md): vLLM 0.32 asks for both
+            args["enable_mixed_moe_lora_format"] = True  # and is_3d_lora_weight on the request
     return args
 
 
@@ -74,7 +76,10 @@ class VLLMGenerator:
         from vllm.platforms import current_platform
 
         self.llm = vllm.LLM(**engine_args(cfg, self.ref, dtype, cpu=current_platform.is_cpu()))
-        self.lora = LoRARequest("policy", 1, self.ref.adapter) if self.ref.adapter else None
+        self.lora = None
+        if self.ref.adapter:
+            three_d = {"is_3d_lora_weight": True} if self.ref.target_parameters else {}
+            self.lora = LoRARequest("policy", 1, self.ref.adapter, **three_d)
         self.start_seconds = None
 
     def generate(self, prompts: list[list[dict]], settings: SamplingSettings):

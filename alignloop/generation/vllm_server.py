@@ -117,7 +117,10 @@ def start_server(cfg, ref, dtype: str) -> Iterator[str]:
     args = engine_args(cfg, ref, dtype, cpu=_on_cpu(cfg.server_python))
     command = [cfg.server_python, "-m", "vllm.entrypoints.openai.api_server",
                "--host", "127.0.0.1", "--port", str(port), *_flags(args)]
-    if ref.adapter is not None:
+    if ref.adapter is not None and ref.target_parameters:  # peft's 3D expert LoRA (docs/moe.md)
+        module = {"name": ADAPTER_NAME, "path": ref.adapter, "is_3d_lora_weight": True}
+        command += ["--lora-modules", json.dumps(module)]
+    elif ref.adapter is not None:
         command += ["--lora-modules", f"{ADAPTER_NAME}={ref.adapter}"]
     log = tempfile.NamedTemporaryFile("wb", prefix="alignloop-vllm-server-", suffix=".log", delete=False)
     logger.info("starting the vLLM server (log: %s): %s", log.name, " ".join(command))

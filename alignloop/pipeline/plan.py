@@ -98,8 +98,8 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
     "policy_key", "reward_model", "reward_key", "stage_policies"})."""
     from alignloop.models.loading import resolve_path
 
-    base, start_key = resolve_path(cfg.model), base_key(cfg)
-    policy, policy_key = base, start_key
+    base, base_id = resolve_path(cfg.model), base_key(cfg)
+    policy, policy_key = base, base_id
     steps: list[Step] = []
     produced: dict[str, list[tuple[int, Path, str]]] = {"rs_best": [], "synthetic": [], "rs_pairs": []}
     rounds: dict[int, dict] = {}
@@ -110,10 +110,10 @@ def plan(cfg: Recipe, run_dir: Path) -> tuple[list[Step], dict[int, dict]]:
         trained: list[tuple[str, str, str]] = []  # (stage, policy after it, its key)
         for position, name in enumerate(stages):
             kind = role(name)
-            start, start_key_ = (base, start_key) if name == "sft" and cfg.sft.start == "base" \
+            start, start_id = (base, base_id) if name == "sft" and cfg.sft.start == "base" \
                 else (policy, policy_key)
             inputs, consumes = _inputs(cfg, name, rnd, produced)
-            consumes.update(policy=start_key_)
+            consumes.update(policy=start_id)
             if kind in ("rejection_sampling", "synth_data"):
                 consumes["reward_model"] = reward_key
             ctx = StageContext(

@@ -28,17 +28,18 @@ from alignloop.manifest import content_hash, write_atomic
 logger = logging.getLogger("alignloop.vision")
 
 
-def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict | None,
+def evaluate_round(cfg: Recipe, run_dir: Path, label: str, policy: dict,
                    reward: dict | None = None, previous: str | None = None) -> dict:
-    """Evaluates `policy` ({"path", "key"}; None: the recipe's starting model) on
-    vision.evaluation and writes eval_dir(label); skipped when metrics.json holds the same key.
-    `reward` and `previous` are the text evaluation's (reward mean, win rate): vision evaluation
-    does not score with the vision reward model yet."""
+    """Evaluates `policy` ({"path", "key"}: the model and the key of what made it; for "base" the
+    starting model, alignloop.pipeline.plan.base_key) on vision.evaluation and writes
+    eval_dir(label); skipped when metrics.json holds the same key. `reward` and `previous` are
+    the text evaluation's (reward mean, win rate): vision evaluation does not score with the
+    vision reward model yet."""
     from accelerate import PartialState
 
     state, out, section = PartialState(), eval_dir(run_dir, label), cfg.vision.evaluation
-    path = policy["path"] if policy else _start_path(cfg)
-    key = content_hash({"model": policy["key"] if policy else start_key(cfg),
+    path = policy["path"]
+    key = content_hash({"model": policy["key"],
                         "evaluation": section.model_dump(mode="json", exclude={"before", "stage_ablation"})})
     done = out / "metrics.json"
     metrics = json.loads(done.read_text()) if done.is_file() else None
@@ -79,23 +80,3 @@ def _evaluate(cfg: Recipe, path: str, key: str, label: str, out: Path) -> dict:
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     logger.info("eval %s: accuracy %.3f", label, found["accuracy"])
     return metrics
-
-
-def _start_path(cfg: Recipe) -> str:
-    from alignloop.models.loading import resolve_path
-
-    return resolve_path(cfg.model)
-
-
-def start_key(cfg: Recipe) -> str:
-    """What the starting vision model is: the checkpoint, and for `start: new` the adapter built
-    on it (or Llama 3-V's encoder and projector options; where features are cached is not part
-    of the model)."""
-    from alignloop.models.gguf import model_identity
-
-    vision = cfg.vision
-    parts = {"model": model_identity(cfg.model), "start": vision.start,
-             "adapter_config": vision.adapter_config.model_dump(mode="json")}
-    if vision.architecture == "llama3v":
-        parts["llama3v"] = vision.llama3v.model_dump(mode="json", exclude={"cache_features", "cache_dir"})
-    return content_hash(parts)
