@@ -126,8 +126,10 @@ def must_guard(backend: str, model_dir) -> bool:
     """An adapter on 3D parameters (peft's target_parameters: an MoE's routed experts) served by
     vLLM is always checked: vLLM has served such adapters as if they were absent, the base's
     outputs without an error (vLLM PR #41384), which only the log-probs show (docs/moe.md)."""
+    if backend == "hf":
+        return False
     ref = resolve_model(model_dir)
-    if backend == "hf" or not ref.target_parameters:
+    if not ref.target_parameters:
         return False
     logger.info("%s: an adapter on %s served by %s: the log-prob guard is on", model_dir,
                 ", ".join(ref.target_parameters), backend)
