@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_prune_distill.yaml"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "prune_distill"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--steps", type=int, help="train every arm for this many steps on steps x batch "
+                        "records (each seen once) instead of the recipe's budget")
+    parser.add_argument("--eval-count", type=int, help="held-out problems for task accuracy (recipe's otherwise)")
     parser.add_argument("--kernel-only", action="store_true", help="only the fused-loss comparison")
     parser.add_argument("--no-kernel", action="store_true", help="skip the fused-loss comparison")
     parser.add_argument("--kernel-arm", choices=["fused", "naive"], help=argparse.SUPPRESS)
@@ -63,7 +66,7 @@ def main() -> None:
             from real_model import install_missing
 
             install_missing()
-        arms(Path(args.recipe), Path(args.out), args.arms)
+        arms(Path(args.recipe), Path(args.out), args.arms, args.steps, args.eval_count)
     if not args.no_kernel:
         kernel_table()
 
@@ -72,9 +75,18 @@ def main() -> None:
 # The arms
 
 
-def arms(recipe_path: Path, out: Path, chosen: list[str]) -> None:
+def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eval_count: int | None) -> None:
     base = yaml.safe_load(recipe_path.read_text())
     base["model"]["path"] = _absolute(base["model"]["path"], recipe_path)
+    if steps:  # a smaller budget, the same for every arm: steps x batch records, each seen once
+        distill = base["distill"]
+        records = steps * distill.get("per_device_train_batch_size", 8)
+        distill["data"] = [{**source, "count": records} for source in distill["data"]]
+        distill["max_steps"] = steps
+        distill["warmup_steps"] = min(distill.get("warmup_steps", 0), steps // 8)
+        distill["save_steps"] = max(1, steps // 4)
+    if eval_count and "evaluation" in base:
+        base["evaluation"]["data"] = [{**source, "count": eval_count} for source in base["evaluation"]["data"]]
     out.mkdir(parents=True, exist_ok=True)
     times = _read(out / "times.json") or {}
     for method in IMPORTANCE:  # prune only: what each importance keeps, before any training
@@ -152,7 +164,11 @@ def _run(name: str, spec: dict, out: Path, times: dict) -> None:
 
 
 def _absolute(path: str, recipe: Path) -> str:
-    if path.startswith(("package:", "builtin:")) or Path(path).is_absolute():
+    from alignloop.config import PACKAGE_PREFIX, package_file
+
+    if path.startswith(PACKAGE_PREFIX):  # the teacher's path is resolved here, not by a recipe loader
+        return str(package_file(path))
+    if path.startswith("builtin:") or Path(path).is_absolute():
         return path
     return str((recipe.parent / path).resolve())
 
