@@ -264,13 +264,8 @@ def test_report_in_round_points(tmp_path, recipe):
     """round_1.sft (the SFT model before DPO, evaluation.stage_ablation) sits between round_0 and
     round_1; it is compared with round_0, and round_1 with round_0 and with it."""
     run_dir = tmp_path / "run"
-    points = {"round_0": [1] * 2 + [0] * 8, "round_1.sft": [1] * 5 + [0] * 5, "round_1": [1] * 4 + [0] * 6}
-    for label, correct in points.items():
-        point, _, stage = label.partition(".")
-        out = run_dir / point / (f"eval_{stage}" if stage else "eval")
-        out.mkdir(parents=True)
-        (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _task_rows(correct)))
-        (out / "metrics.json").write_text(json.dumps({"summary": {"accuracy": sum(correct) / 10}}))
+    _write_points(run_dir, {"round_0": [1] * 2 + [0] * 8, "round_1.sft": [1] * 5 + [0] * 5,
+                            "round_1": [1] * 4 + [0] * 6})
     write_report(recipe, run_dir)
     report = json.loads((run_dir / "report.json").read_text())
     assert [row["label"] for row in report["rows"]] == ["round_0", "round_1.sft", "round_1"]
@@ -287,12 +282,18 @@ def test_report_says_when_the_last_stage_moved_something(tmp_path, recipe):
     """round_1 loses all 10 prompts round_1.sft answered: the in-round reading names the change
     (-1.000: every resample loses them all, so the interval is [-1, -1] and excludes 0)."""
     run_dir = tmp_path / "run"
-    for label, correct in {"round_0": [0] * 10, "round_1.sft": [1] * 10, "round_1": [0] * 10}.items():
+    _write_points(run_dir, {"round_0": [0] * 10, "round_1.sft": [1] * 10, "round_1": [0] * 10})
+    write_report(recipe, run_dir)
+    assert ("- round_1: what the stages after sft added on their own: accuracy -1.000 (95% interval "
+            "excludes 0).") in (run_dir / "report.md").read_text()
+
+
+def _write_points(run_dir, points: dict[str, list[int]]) -> None:
+    """Evaluation directories for points labelled like the report's rows ("round_1.sft" is
+    round_1/eval_sft), each with its task answers' correctness and accuracy."""
+    for label, correct in points.items():
         point, _, stage = label.partition(".")
         out = run_dir / point / (f"eval_{stage}" if stage else "eval")
         out.mkdir(parents=True)
         (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _task_rows(correct)))
         (out / "metrics.json").write_text(json.dumps({"summary": {"accuracy": sum(correct) / 10}}))
-    write_report(recipe, run_dir)
-    assert ("- round_1: what the stages after sft added on their own: accuracy -1.000 (95% interval "
-            "excludes 0).") in (run_dir / "report.md").read_text()
