@@ -48,7 +48,7 @@ def _trained(cfg) -> list[str]:
 def _loop(cfg, where) -> list[str]:
     """What each stage of the text loop needs from the recipe or the stages before it in a round."""
     problems, stages, rs = [], cfg.stages, cfg.rejection_sampling
-    if "sft" in cfg.all_stages and not cfg.sft.data and "rejection_sampling" not in stages \
+    if "sft" in stages and not cfg.sft.data and "rejection_sampling" not in stages \
             and "synth_data" not in stages:
         problems.append(where("sft.data", "the sft stage needs at least one data source"))
     initial = cfg.initial_sft_section

@@ -134,3 +134,17 @@ def test_each_cross_section_rule_names_file_line_and_key(tmp_path, name):
 @pytest.mark.parametrize("name", list(TRAINER_CASES))
 def test_trainer_option_rules_name_file_line_and_key(tmp_path, name):
     _check(tmp_path, *TRAINER_CASES[name], check_trainer=True)
+
+
+@pytest.mark.parametrize("stages", ["[]", "[prune]"])
+def test_round_zero_sft_alone_takes_its_data_from_initial_sft(tmp_path, stages):
+    """SFT in round 0 only (`initial_sft` with its own data, no `sft` in the stages, as a pruned
+    student's cross-entropy baseline): the empty `sft.data` is not an error, and round 0's SFT
+    section reads initial_sft's data."""
+    path = tmp_path / "recipe.yaml"
+    prune = f"prune: {{data: {ARITHMETIC}, target: {{num_hidden_layers: 1}}}}\n" if "prune" in stages else ""
+    path.write_text(f"model: {{path: builtin:tiny}}\nstages: {stages}\n{prune}"
+                    f"initial_sft:\n  data: {ARITHMETIC}\n")
+    cfg = load_recipe(path)
+    assert cfg.sft.data == [] and "sft" in cfg.all_stages
+    assert [s.builtin for s in cfg.for_round(0).sft.data] == ["arithmetic"]
