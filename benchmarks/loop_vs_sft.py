@@ -42,6 +42,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from alignloop.manifest import write_atomic  # noqa: E402  (after the path insert)
+
 RECIPES = {"tiny": ROOT / "recipes" / "quickstart.yaml",
            "real": ROOT / "recipes" / "smollm2_135m_loop.yaml"}
 ARMS = {"a": "sft", "b": "rs_sft", "c": "loop", "d": "oracle"}
@@ -65,7 +67,6 @@ def main() -> None:
     base = yaml.safe_load(RECIPES[args.setting].read_text())
     out = Path(args.out) / args.setting
     out.mkdir(parents=True, exist_ok=True)
-    times = _read_json(out / "times.json") or {}
     for key in args.arms:
         arm = ARMS[key]
         recipe = build(arm, base, out, args.rounds)
@@ -73,9 +74,11 @@ def main() -> None:
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         start = time.perf_counter()
         run(path, out / arm, args.overrides, out / f"{arm}.log")
-        times[arm] = times.get(arm, 0.0) + time.perf_counter() - start
-        (out / "times.json").write_text(json.dumps(times, indent=2))
-    report(out, args.rounds, times)
+        seconds = time.perf_counter() - start
+        times = _read_json(out / "times.json") or {}  # read again: another arm's process may have written
+        times[arm] = times.get(arm, 0.0) + seconds
+        write_atomic(out / "times.json", json.dumps(times, indent=2))
+    report(out, args.rounds, _read_json(out / "times.json") or {})
 
 
 # ---------------------------------------------------------------------------------------------
