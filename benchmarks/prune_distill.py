@@ -13,6 +13,9 @@ learning rate and schedule:
 - `pruned_ce`   prune (the same) -> SFT with the plain cross-entropy on the same records
 - `scratch_kd`  a randomly initialised student of the same shape -> distill (same teacher)
 - `scratch_ce`  the random student -> SFT with cross-entropy
+- `pruned_kd_corrected`, `scratch_kd_corrected`  the KD arms from a teacher first fine-tuned on
+  the distillation data (Minitron's teacher correction: the recipe's `distill.teacher_correction`,
+  or CORRECTION below); the teacher's extra steps are not in the students' budget
 - importance before any training: the student pruned with `activation`, `magnitude` and
   `random` importance (prune only)
 
@@ -41,7 +44,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-ARMS = ("pruned_kd", "pruned_ce", "scratch_kd", "scratch_ce")
+ARMS = ("pruned_kd", "pruned_ce", "scratch_kd", "scratch_ce", "pruned_kd_corrected", "scratch_kd_corrected")
+# the *_corrected arms: the KD arm with Minitron's teacher correction (the recipe's own, or this)
+CORRECTION = {"steps": 32, "learning_rate": 1.0e-4, "batch_size": 16}
 IMPORTANCE = ("activation", "magnitude", "random")
 HELD_OUT = 256  # held-out records for the cross-entropy
 
@@ -106,12 +111,16 @@ def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eva
                        "distill": {**base["distill"], "teachers": [{"path": teacher}]}},
         "scratch_ce": {"model": {**base["model"], "path": str(scratch)}, "stages": [], "initial_sft": sft},
     }
+    correction = base["distill"].get("teacher_correction") or CORRECTION
+    for arm in ("pruned_kd", "scratch_kd"):
+        recipes[f"{arm}_corrected"] = {**recipes[arm], "distill": {**recipes[arm]["distill"],
+                                                                   "teacher_correction": correction}}
     for arm in chosen:
         spec = {**_common(base, out / arm), **recipes[arm]}
         if "evaluation" in base:
             spec["evaluation"] = {**base["evaluation"], "before": arm == "pruned_kd"}
         _run(arm, spec, out, times)
-    report(base, out, chosen, times, teacher)
+    report(base, out, times, teacher)
 
 
 def _common(base: dict, run_dir: Path) -> dict:
@@ -159,7 +168,9 @@ def _run(name: str, spec: dict, out: Path, times: dict) -> None:
                               stdout=stream, stderr=subprocess.STDOUT).returncode
     if code:
         sys.exit(f"{name} failed (exit {code}); its log: {log}\n{log.read_text()[-4000:]}")
-    times[name] = times.get(name, 0.0) + time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    times.update(_read(out / "times.json") or {})  # another process's arms may have been written
+    times[name] = times.get(name, 0.0) + seconds
     (out / "times.json").write_text(json.dumps(times, indent=2))
 
 
@@ -198,10 +209,10 @@ def held_out_losses(model_dir: str, records: list[dict]) -> list[float]:
     return out
 
 
-def report(base: dict, out: Path, chosen: list[str], times: dict, teacher: str) -> None:
+def report(base: dict, out: Path, times: dict, teacher: str) -> None:
     from alignloop.data.source_config import SourceConfig
     from alignloop.data.sources import load_sources
-    from alignloop.evaluation.stats import paired_bootstrap
+    from alignloop.evaluation.stats import paired_mean_bootstrap
 
     held_out = [{**s, "split": "heldout", "count": HELD_OUT} for s in base["distill"]["data"]]
     records = load_sources([SourceConfig(**s) for s in held_out], "chat", "raise", 1).records
@@ -210,8 +221,9 @@ def report(base: dict, out: Path, chosen: list[str], times: dict, teacher: str) 
     models.update({f"pruned, {m} importance, untrained": str(out / f"prune_{m}" / "round_0" / "prune" / "model")
                    for m in IMPORTANCE})
     models["random student, untrained"] = str(out / "scratch_student")
-    for arm in chosen:
-        final = "distill" if arm.endswith("kd") else "sft"
+    done = [arm for arm in ARMS if (out / arm).is_dir()]  # this call's arms and earlier calls'
+    for arm in done:
+        final = "sft" if arm.endswith("_ce") else "distill"
         models[arm] = str(out / arm / "round_0" / final / "model")
     for name, path in models.items():
         if name not in cache and Path(path).is_dir():
@@ -232,14 +244,17 @@ def report(base: dict, out: Path, chosen: list[str], times: dict, teacher: str) 
           "negative: the first is better):\n")
     print("| comparison | difference |\n|---|---|")
     pairs = [("pruned_kd", "scratch_ce"), ("pruned_kd", "scratch_kd"), ("pruned_kd", "pruned_ce"),
-             ("scratch_kd", "scratch_ce"), ("pruned, activation importance, untrained",
+             ("scratch_kd", "scratch_ce"), ("pruned_kd_corrected", "scratch_ce"),
+             ("pruned_kd_corrected", "scratch_kd_corrected"), ("pruned_kd_corrected", "pruned_ce"),
+             ("pruned_kd_corrected", "pruned_kd"), ("pruned_ce", "scratch_ce"),
+             ("pruned, activation importance, untrained",
                                             "pruned, random importance, untrained"),
              ("pruned, activation importance, untrained", "pruned, magnitude importance, untrained")]
     for new, old in pairs:
         if new in cache and old in cache:
-            d = paired_bootstrap(cache[old], cache[new])
+            d = paired_mean_bootstrap(cache[old], cache[new])
             print(f"| {new} - {old} | {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |")
-    curves = {arm: _losses(out / arm) for arm in chosen}
+    curves = {arm: _losses(out / arm) for arm in done}
     print("\nTraining loss every logging step (the KD arms log KD, the CE arms cross-entropy):")
     for arm, losses in curves.items():
         print(f"- {arm}: {losses}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alignloop.config import load_recipe
-from alignloop.evaluation.stats import pair_answers, paired_bootstrap, wilson_interval
+from alignloop.evaluation.stats import pair_answers, paired_bootstrap, paired_mean_bootstrap, wilson_interval
 from alignloop.pipeline.report import outcome, write_report
 
 
@@ -69,6 +69,29 @@ def test_paired_bootstrap_matches_resampling_prompts():
     assert change.difference == pytest.approx(d.mean(), abs=1e-12)
     assert change.low == pytest.approx(low, abs=0.0101)
     assert change.high == pytest.approx(high, abs=0.0101)
+
+
+def test_paired_mean_bootstrap_of_a_continuous_measure():
+    """Per-record losses: b is a minus 0.5 on every record plus small noise. The mean difference
+    is exact; its interval is the normal one, mean +- 1.96 sd / sqrt(n), up to Monte Carlo noise;
+    a constant shift has a zero-width interval; paired_bootstrap (0/1 outcomes) would truncate
+    these floats, which is why losses have their own function."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(2.0, 1.0, 400)                      # (n,) losses that vary a lot by record
+    noise = rng.normal(0.0, 0.1, 400)
+    b = a - 0.5 + noise                                # the pairing removes a's spread
+    change = paired_mean_bootstrap(list(a), list(b))
+    d = b - a
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))      # ~0.0098
+    assert change.difference == pytest.approx(d.mean(), abs=1e-12)
+    assert change.low == pytest.approx(d.mean() - half, abs=0.002)
+    assert change.high == pytest.approx(d.mean() + half, abs=0.002)
+    assert change.high < -0.45 and change.n == 400
+    shifted = paired_mean_bootstrap([1.0, 2.0, 3.0], [1.25, 2.25, 3.25])
+    assert (shifted.difference, shifted.low, shifted.high) == pytest.approx((0.25, 0.25, 0.25))
+    assert paired_mean_bootstrap(list(a), list(b)) == change  # seeded
+    with pytest.raises(ValueError, match="align"):
+        paired_mean_bootstrap([1.0], [1.0, 2.0])
 
 
 def test_wilson_interval_known_values():

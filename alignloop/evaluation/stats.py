@@ -71,6 +71,41 @@ def paired_bootstrap(a: list, b: list, resamples: int = RESAMPLES, seed: int = S
                         gained=gained, lost=lost, level=level, resamples=resamples, seed=seed)
 
 
+@dataclass(frozen=True)
+class MeanChange:
+    """mean(b) - mean(a) of a continuous paired measure (a held-out loss per record) over the n
+    records, with its percentile interval."""
+
+    difference: float
+    low: float
+    high: float
+    n: int
+    level: float
+    resamples: int
+    seed: int
+
+
+def paired_mean_bootstrap(a: list[float], b: list[float], resamples: int = RESAMPLES, seed: int = SEED,
+                          level: float = 0.95) -> MeanChange:
+    """The change of a per-record measure from `a` to `b` over the same records (position i is
+    the same record in both): the mean of the n differences b_i - a_i and the (1 - level)/2,
+    (1 + level)/2 quantiles of that mean over `resamples` bootstrap resamples of the records
+    (seeded). For 0/1 outcomes use paired_bootstrap, which also counts gained and lost prompts."""
+    if len(a) != len(b):
+        raise ValueError(f"paired measures must align: {len(a)} vs {len(b)}")
+    if not a:
+        raise ValueError("no records to compare")
+    diffs = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)  # (n,)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # (1000, n) indices at a time
+        stop = min(start + 1000, resamples)
+        means[start:stop] = diffs[rng.integers(0, len(diffs), size=(stop - start, len(diffs)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return MeanChange(difference=float(diffs.mean()), low=float(low), high=float(high), n=len(diffs),
+                      level=level, resamples=resamples, seed=seed)
+
+
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
     """Wilson score interval of one rate successes / n (None when n == 0).
 
