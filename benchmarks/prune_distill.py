@@ -9,13 +9,15 @@ answers) defines the teacher, the student's shape, the data and the token budget
 stopped when run again), all trained on the same records for the same steps, batch size,
 learning rate and schedule:
 
-- `pruned_kd`   the recipe: prune (activation importance) -> distill from the unpruned model
+- `pruned_kd`   the recipe without teacher correction: prune (activation importance) -> distill
+  from the unpruned model
 - `pruned_ce`   prune (the same) -> SFT with the plain cross-entropy on the same records
 - `scratch_kd`  a randomly initialised student of the same shape -> distill (same teacher)
 - `scratch_ce`  the random student -> SFT with cross-entropy
 - `pruned_kd_corrected`, `scratch_kd_corrected`  the KD arms from a teacher first fine-tuned on
   the distillation data (Minitron's teacher correction: the recipe's `distill.teacher_correction`,
-  or CORRECTION below); the teacher's extra steps are not in the students' budget
+  or CORRECTION below); `pruned_kd_corrected` is the recipe as written. The teacher's extra
+  steps are not in the students' budget
 - importance before any training: the student pruned with `activation`, `magnitude` and
   `random` importance (prune only)
 
@@ -103,6 +105,7 @@ def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eva
     pruned = out / "prune_activation" / "round_0" / "prune" / "model"
     scratch = random_student(pruned, out / "scratch_student", base.get("seed", 0))
     teacher = _teacher(base)
+    correction = base["distill"].pop("teacher_correction", None) or CORRECTION
     sft = _as_sft(base["distill"])
     recipes = {
         "pruned_kd": {"stages": ["prune", "distill"], "prune": base["prune"], "distill": base["distill"]},
@@ -111,7 +114,6 @@ def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eva
                        "distill": {**base["distill"], "teachers": [{"path": teacher}]}},
         "scratch_ce": {"model": {**base["model"], "path": str(scratch)}, "stages": [], "initial_sft": sft},
     }
-    correction = base["distill"].get("teacher_correction") or CORRECTION
     for arm in ("pruned_kd", "scratch_kd"):
         recipes[f"{arm}_corrected"] = {**recipes[arm], "distill": {**recipes[arm]["distill"],
                                                                    "teacher_correction": correction}}
