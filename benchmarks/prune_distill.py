@@ -46,6 +46,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from alignloop.manifest import write_atomic  # noqa: E402  (after the path insert)
+
 ARMS = ("pruned_kd", "pruned_ce", "scratch_kd", "scratch_ce", "pruned_kd_corrected", "scratch_kd_corrected")
 # the *_corrected arms: the KD arm with Minitron's teacher correction (the recipe's own, or this)
 CORRECTION = {"steps": 32, "learning_rate": 1.0e-4, "batch_size": 16}
@@ -95,13 +97,12 @@ def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eva
     if eval_count and "evaluation" in base:
         base["evaluation"]["data"] = [{**source, "count": eval_count} for source in base["evaluation"]["data"]]
     out.mkdir(parents=True, exist_ok=True)
-    times = _read(out / "times.json") or {}
     for method in IMPORTANCE:  # prune only: what each importance keeps, before any training
         name = f"prune_{method}"
         prune = {**base["prune"], "importance": method}
         if method != "activation":
             prune.pop("data", None)
-        _run(name, {**_common(base, out / name), "stages": ["prune"], "prune": prune}, out, times)
+        _run(name, {**_common(base, out / name), "stages": ["prune"], "prune": prune}, out)
     pruned = out / "prune_activation" / "round_0" / "prune" / "model"
     scratch = random_student(pruned, out / "scratch_student", base.get("seed", 0))
     teacher = _teacher(base)
@@ -121,8 +122,8 @@ def arms(recipe_path: Path, out: Path, chosen: list[str], steps: int | None, eva
         spec = {**_common(base, out / arm), **recipes[arm]}
         if "evaluation" in base:
             spec["evaluation"] = {**base["evaluation"], "before": arm == "pruned_kd"}
-        _run(arm, spec, out, times)
-    report(base, out, times, teacher)
+        _run(arm, spec, out)
+    report(base, out, _read(out / "times.json") or {}, teacher)
 
 
 def _common(base: dict, run_dir: Path) -> dict:
@@ -160,7 +161,7 @@ def random_student(pruned: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def _run(name: str, spec: dict, out: Path, times: dict) -> None:
+def _run(name: str, spec: dict, out: Path) -> None:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log = out / f"{name}.log"
@@ -171,9 +172,9 @@ def _run(name: str, spec: dict, out: Path, times: dict) -> None:
     if code:
         sys.exit(f"{name} failed (exit {code}); its log: {log}\n{log.read_text()[-4000:]}")
     seconds = time.perf_counter() - started
-    times.update(_read(out / "times.json") or {})  # another process's arms may have been written
+    times = _read(out / "times.json") or {}  # read now: another process's arms may have been written
     times[name] = times.get(name, 0.0) + seconds
-    (out / "times.json").write_text(json.dumps(times, indent=2))
+    write_atomic(out / "times.json", json.dumps(times, indent=2))
 
 
 def _absolute(path: str, recipe: Path) -> str:
